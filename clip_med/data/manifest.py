@@ -1,0 +1,120 @@
+"""The per-split manifest written next to the shards: what was written, what was skipped, why."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+
+
+@dataclass
+class SkippedItem:
+    id: str
+    image: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class Manifest:
+    split: str
+    source: str
+    fingerprint: str
+    options: dict[str, Any]
+    input_count: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    skipped: list[SkippedItem] = field(default_factory=list)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    complete: bool = True
+
+    @property
+    def written_count(self) -> int:
+        return sum(shard.count for shard in self.shards)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(item.reason for item in self.skipped).items()))
+
+    def label_coverage(self) -> dict[str, float]:
+        written = self.written_count
+        return {
+            task: round(1.0 - counts.get("unknown", 0) / written, 4) if written else 0.0
+            for task, counts in self.label_counts.items()
+        }
+
+    def labels(self, task: str) -> list[str]:
+        """Labels of ``task`` present in this split, most frequent first, ``unknown`` excluded."""
+        counts = self.label_counts.get(task, {})
+        return [label for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if label != "unknown"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["written_count"] = self.written_count
+        data["skipped_count"] = len(self.skipped)
+        data["skipped_by_reason"] = self.skipped_by_reason()
+        data["label_coverage"] = self.label_coverage()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            split=data["split"],
+            source=data["source"],
+            fingerprint=data["fingerprint"],
+            options=data["options"],
+            input_count=data["input_count"],
+            shards=[ShardInfo(**shard) for shard in data["shards"]],
+            skipped=[SkippedItem(**item) for item in data["skipped"]],
+            label_counts=data["label_counts"],
+            complete=data.get("complete", True),
+        )
+
+
+def manifest_path(out_dir: str | Path, split: str) -> Path:
+    return Path(out_dir) / f"{split}{MANIFEST_SUFFIX}"
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True, ensure_ascii=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
+    path = manifest_path(out_dir, manifest.split)
+    write_json_atomic(path, manifest.to_dict())
+    return path
+
+
+def load_manifest(out_dir: str | Path, split: str) -> Manifest | None:
+    path = manifest_path(out_dir, split)
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return Manifest.from_dict(json.load(handle))
+
+
+def manifest_is_current(manifest: Manifest | None, out_dir: str | Path, fingerprint: str) -> bool:
+    """True when the manifest matches ``fingerprint`` and every shard it lists is on disk intact."""
+    if manifest is None or not manifest.complete or manifest.fingerprint != fingerprint:
+        return False
+    for shard in manifest.shards:
+        path = Path(out_dir) / shard.name
+        if not path.is_file() or path.stat().st_size != shard.bytes:
+            return False
+    return True

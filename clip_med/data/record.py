@@ -1,0 +1,58 @@
+"""What a source reader produces: one :class:`Record` per image–text pair."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass
+class Record:
+    """One image–caption pair, before its image is read.
+
+    ``image`` is whatever the record's ``decoder`` understands (a file path for ``"pil"`` and
+    ``"dicom"``, a generator spec for ``"synthetic"``). ``problem`` is set by a reader that
+    already knows the pair is unusable (an empty or undecodable caption); the writer then skips
+    the record and reports it with that reason instead of reading the image.
+    """
+
+    id: str
+    split: str
+    image: str
+    caption: str
+    text: str
+    labels: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    decoder: str = "pil"
+    problem: str | None = None
+    problem_detail: str = ""
+
+    @property
+    def key(self) -> str:
+        """The webdataset sample key: no dots (webdataset splits extensions at the first dot)."""
+        return _KEY_UNSAFE.sub("_", self.id)
+
+    def fingerprint_fields(self) -> tuple:
+        return (self.id, self.split, self.image, self.caption, self.text, self.decoder, self.problem,
+                sorted(self.labels.items()), repr(sorted(self.meta.items())))
+
+
+class SkipReason:
+    """Reasons a record is not written; each one appears in the manifest with its count."""
+
+    MISSING_FILE = "missing_file"
+    EMPTY_FILE = "empty_file"
+    FILE_TOO_LARGE = "file_too_large"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated_or_corrupt"
+    TOO_SMALL = "too_small"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    UNSUPPORTED_MODE = "unsupported_mode"
+    UNDECODABLE_DICOM = "undecodable_dicom"
+    EMPTY_CAPTION = "empty_caption"
+    CAPTION_NOT_UTF8 = "caption_not_utf8"
+    DUPLICATE_IMAGE = "duplicate_image"
+    DUPLICATE_ID = "duplicate_id"

@@ -1,0 +1,84 @@
+"""The held-out evaluation: zero-shot, linear probe and retrieval on one split."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from clip_med.eval.embeddings import Embedded
+from clip_med.eval.linear_probe import DEFAULT_CS, fit_probe
+from clip_med.eval.metrics import classification_metrics
+from clip_med.eval.retrieval import retrieval_metrics
+from clip_med.eval.zero_shot import label_prompts, zero_shot_probabilities, zero_shot_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    # The held-out split; None picks the first split that is not the training split
+    # (MedPix: dev; a source with a test split: test is used only when named here).
+    split: Optional[str] = None
+    every_epochs: int = 0  # also evaluate every k epochs (0: only at the end)
+    tasks: list[str] = field(default_factory=lambda: ["modality", "anatomy"])
+    batch_size: int = 128
+    workers: int = 2
+    probe_Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))
+    probe_folds: int = 5
+    probe_max_iter: int = 2000
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # Per-task prompt templates ("a {} scan."), replacing the taxonomy's defaults.
+    prompt_templates: dict[str, list[str]] = field(default_factory=dict)
+
+
+def task_labels(train_labels: Sequence[str], eval_labels: Sequence[str]) -> list[str]:
+    """Classes of a task: those with training examples (sorted), ``unknown`` excluded."""
+    return sorted({label for label in train_labels if label != "unknown"})
+
+
+def _known(labels: Sequence[str], classes: list[str]) -> np.ndarray:
+    allowed = set(classes)
+    return np.array([label in allowed for label in labels], dtype=bool)
+
+
+def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: torch.device,
+                        held_out: Embedded, train: Embedded | None, cfg: EvalConfig) -> dict[str, Any]:
+    report: dict[str, Any] = {"n_images": len(held_out), "zero_shot": {}, "linear_probe": {}}
+    for task in cfg.tasks:
+        classes = task_labels(train.labels[task] if train else held_out.labels[task], held_out.labels[task])
+        if len(classes) < 2:
+            log.warning("task %s: fewer than two known labels, skipped", task)
+            continue
+        keep = _known(held_out.labels[task], classes)
+        y_true = [label for label, kept in zip(held_out.labels[task], keep) if kept]
+        prompts = label_prompts(task, classes, cfg.prompt_templates.get(task))
+        weights = zero_shot_weights(model, tokenizer, prompts, device)
+        probs = zero_shot_probabilities(held_out.image[keep], weights)
+        report["zero_shot"][task] = {**classification_metrics(y_true, probs, classes),
+                                     "excluded_unlabelled": int((~keep).sum())}
+        if train is not None:
+            report["linear_probe"][task] = _probe(task, classes, train, held_out, keep, y_true, cfg)
+    report["retrieval"] = retrieval_metrics(held_out.image, held_out.text, cfg.recall_ks)
+    return report
+
+
+def _probe(task: str, classes: list[str], train: Embedded, held_out: Embedded, keep: np.ndarray,
+           y_true: list[str], cfg: EvalConfig) -> dict[str, Any]:
+    train_keep = _known(train.labels[task], classes)
+    probe = fit_probe(
+        train.image[train_keep],
+        [label for label, kept in zip(train.labels[task], train_keep) if kept],
+        groups=[group for group, kept in zip(train.groups, train_keep) if kept],
+        Cs=cfg.probe_Cs, folds=cfg.probe_folds, max_iter=cfg.probe_max_iter,
+    )
+    probs = np.zeros((int(keep.sum()), len(classes)))
+    fitted = probe.predict_proba(held_out.image[keep])
+    for column, label in enumerate(probe.labels):
+        probs[:, classes.index(label)] = fitted[:, column]
+    return {**classification_metrics(y_true, probs, classes), "C": probe.C,
+            "cv_balanced_accuracy": probe.cv_balanced_accuracy, "n_train": int(train_keep.sum())}

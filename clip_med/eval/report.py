@@ -1,0 +1,86 @@
+"""Writing an evaluation report: report.json, report.md and one confusion-matrix PNG per task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from clip_med.data.manifest import write_json_atomic  # noqa: E402
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "report") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    for method in ("zero_shot", "linear_probe"):
+        for task, metrics in report.get(method, {}).items():
+            path = out_dir / f"confusion_{method}_{task}.png"
+            plot_confusion(metrics, f"{method.replace('_', ' ')}: {task} ({report.get('split', '')})", path)
+            paths[f"confusion_{method}_{task}"] = path
+    write_json_atomic(paths["json"], report)
+    paths["md"].write_text(render_markdown(report), encoding="utf-8")
+    return paths
+
+
+def plot_confusion(metrics: dict[str, Any], title: str, path: Path) -> None:
+    matrix = np.asarray(metrics["confusion_matrix"])
+    size = max(4.0, 0.9 * len(metrics["labels"]) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=metrics["labels"]).plot(ax=ax, colorbar=False,
+                                                                           xticks_rotation=45)
+    ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation on split `{report.get('split', '?')}`", ""]
+    for key in ("source", "checkpoint", "step", "n_images"):
+        if key in report:
+            lines.append(f"- {key}: `{report[key]}`")
+    lines.append("")
+    lines += ["## Classification", "", "| method | task | n | accuracy | balanced acc. | macro-F1 | AUROC |",
+              "|---|---|---|---|---|---|---|"]
+    for method in ("zero_shot", "linear_probe"):
+        for task, m in report.get(method, {}).items():
+            lines.append(f"| {method} | {task} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} "
+                         f"| {_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} |")
+    for method in ("zero_shot", "linear_probe"):
+        for task, m in report.get(method, {}).items():
+            lines += ["", f"### {method} / {task}: per class", "", "| label | precision | recall | F1 | support |",
+                      "|---|---|---|---|---|"]
+            for label, c in m["per_class"].items():
+                lines.append(f"| {label} | {_fmt(c['precision'])} | {_fmt(c['recall'])} | {_fmt(c['f1'])} "
+                             f"| {c['support']} |")
+            lines += ["", f"![confusion matrix](confusion_{method}_{task}.png)"]
+    retrieval = report.get("retrieval")
+    if retrieval:
+        ks = [key for key in retrieval["image_to_text"] if key.startswith("R@")]
+        lines += ["", f"## Retrieval ({retrieval['n']} pairs)", "",
+                  "| direction | " + " | ".join(ks) + " | median rank |", "|---" * (len(ks) + 2) + "|"]
+        for direction in ("image_to_text", "text_to_image"):
+            r = retrieval[direction]
+            lines.append(f"| {direction} | " + " | ".join(_fmt(r[k]) for k in ks) + f" | {_fmt(r['median_rank'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

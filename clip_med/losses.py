@@ -1,0 +1,61 @@
+"""Contrastive losses: open_clip's own, chosen by name.
+
+Every loss takes the model's features dict (``loss(**model(images, texts), output_dict=True)``)
+and returns a dict of named terms whose sum is the training loss, so the training loop never
+needs to know which loss it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import open_clip
+import torch
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # clip | siglip
+    # Distributed options (open_clip's): compute the loss on the local batch against the global
+    # one, and whether gathered features carry gradients.
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    # SigLIP's feature exchange: bidir | shift | reduce | gather (open_clip's default: bidir).
+    siglip_dist_impl: Optional[str] = None
+
+
+def _clip(cfg: LossConfig, rank: int, world_size: int) -> torch.nn.Module:
+    return open_clip.ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                              cache_labels=True, rank=rank, world_size=world_size)
+
+
+def _siglip(cfg: LossConfig, rank: int, world_size: int) -> torch.nn.Module:
+    return open_clip.loss.SigLipLoss(rank=rank, world_size=world_size, dist_impl=cfg.siglip_dist_impl)
+
+
+LOSSES = {"clip": _clip, "siglip": _siglip}
+
+# What each loss needs from the model at creation (SigLIP: a learnable bias, scale 10, bias -10,
+# as in the SigLIP paper and open_clip's SigLIP configs).
+MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "clip": {},
+    "siglip": {"init_logit_scale": math.log(10), "init_logit_bias": -10.0},
+}
+
+
+def create_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> torch.nn.Module:
+    try:
+        factory = LOSSES[cfg.name]
+    except KeyError:
+        raise ValueError(f"unknown loss {cfg.name!r}; choose one of {', '.join(LOSSES)}") from None
+    return factory(cfg, rank, world_size)
+
+
+def model_kwargs_for(cfg: LossConfig) -> dict[str, Any]:
+    return dict(MODEL_KWARGS[cfg.name])
+
+
+def total_loss(terms: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    return sum(terms.values()) if isinstance(terms, dict) else terms

@@ -1,0 +1,118 @@
+"""Atomic, prunable, safely-loaded training checkpoints.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python containers, so it
+loads with ``weights_only=True``. It is written to ``<name>.tmp``, flushed to disk and renamed,
+so the newest *complete* checkpoint is always loadable; a failed write (disk full) removes the
+temporary file and raises, leaving earlier checkpoints untouched. The model weights sit under
+``state_dict`` as open_clip's own trainer stores them, so ``open_clip.create_model(name,
+pretrained=<checkpoint>)`` loads a clip_med checkpoint directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"step-(\d{8})\.pt")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(payload: dict[str, Any], run_dir: str | Path, step: int, keep_last: int) -> Path:
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}.pt"
+    tmp = folder / f".step-{step:08d}.pt.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        previous = latest_checkpoint(run_dir)
+        raise RuntimeError(
+            f"could not write checkpoint {final} ({exc}). Free disk space or move the run directory; "
+            f"the previous checkpoint {previous or '(none)'} is intact."
+        ) from exc
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for path in list_checkpoints(run_dir)[:-keep_last]:
+        path.unlink(missing_ok=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``: no arbitrary objects are ever unpickled."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """Resolve ``resume`` (``latest`` or a path) to a loadable checkpoint.
+
+    ``latest`` looks in this run's folder, then in sibling run folders (Hydra gives each
+    invocation its own folder under ``runs/<run_name>/``), most recently written first, and skips a file
+    that cannot be read (with a warning) in favour of the one before it.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
+        return path, load_checkpoint(path)
+    run_dir = Path(run_dir)
+    candidates = list_checkpoints(run_dir)
+    if not candidates and run_dir.parent.is_dir():
+        siblings = [sibling for sibling in run_dir.parent.iterdir() if sibling.is_dir() and sibling != run_dir]
+        candidates = sorted((path for sibling in siblings for path in list_checkpoints(sibling)),
+                            key=lambda path: path.stat().st_mtime)
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            log.warning("checkpoint %s cannot be read (%s); trying an older one", path, exc)
+    return None
