@@ -7,6 +7,7 @@ needs to know which loss it runs.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -14,19 +15,29 @@ from typing import Any, Optional
 import open_clip
 import torch
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LossConfig:
     name: str = "clip"  # clip | siglip
-    # Distributed options (open_clip's): compute the loss on the local batch against the global
-    # one, and whether gathered features carry gradients.
-    local_loss: bool = False
-    gather_with_grad: bool = False
+    # Distributed options (open_clip's; no effect in one process). local_loss: each process
+    # computes the loss of its own rows against the global batch (less memory and compute than
+    # the full global logit matrix). gather_with_grad: features gathered from the other processes
+    # carry gradients, so that, after DDP averages, the gradients are exactly those of one
+    # process training on the global batch; without it they are 1/world_size of that.
+    local_loss: bool = True
+    gather_with_grad: bool = True
     # SigLIP's feature exchange: bidir | shift | reduce | gather (open_clip's default: bidir).
     siglip_dist_impl: Optional[str] = None
 
 
 def _clip(cfg: LossConfig, rank: int, world_size: int) -> torch.nn.Module:
+    if world_size > 1 and not cfg.gather_with_grad:
+        log.warning("loss.gather_with_grad=false: gradients do not flow through the features gathered from "
+                    "other processes, so they are not those of the global batch (%s)",
+                    "and local_loss=true drops the other processes' terms" if cfg.local_loss else
+                    f"they are 1/{world_size} of it")
     return open_clip.ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                               cache_labels=True, rank=rank, world_size=world_size)
 

@@ -48,53 +48,62 @@ class Task:
 MODALITY = Task(
     name="modality",
     labels=(
-        Label("ct", ("CT", "computed tomography", "CT scan"), ("ct", "cta", "tac", "computed tomography")),
-        Label("mr", ("MRI", "MR", "magnetic resonance imaging"), ("mr", "mri", "mra", "magnetic resonance")),
-        Label("xray", ("X-ray", "radiograph", "plain film"), ("cr", "dx", "dr", "xr", "x-ray", "radiograph")),
-        Label("ultrasound", ("ultrasound", "sonography", "US"), ("us", "ultrasound", "sonography")),
+        Label("ct", ("CT", "computed tomography", "CT scan"),
+              ("ct", "cta", "tac", "computed tomography", "ct scan", "cbct", "hrct")),
+        Label("mr", ("MRI", "MR", "magnetic resonance imaging"),
+              ("mr", "mri", "mra", "magnetic resonance", "magnetic resonance imaging", "mrcp")),
+        Label("xray", ("X-ray", "radiograph", "plain film"),
+              ("cr", "dx", "dr", "xr", "px", "io", "x-ray", "xray", "radiograph", "radiography", "plain film")),
+        Label("ultrasound", ("ultrasound", "sonography", "US"),
+              ("us", "ivus", "ultrasound", "sonography", "ultrasonography")),
         Label("pet", ("PET", "positron emission tomography"), ("pt", "pet", "pet-ct", "pet/ct")),
         Label(
             "nuclear_medicine",
             ("nuclear medicine scintigraphy", "scintigraphy", "SPECT"),
             ("nm", "st", "scintigraphy", "spect", "nuclear medicine"),
         ),
-        Label("angiography", ("angiography", "angiogram"), ("xa", "dsa", "angiography")),
-        Label("mammography", ("mammography", "mammogram"), ("mg", "mammography")),
+        Label("angiography", ("angiography", "angiogram"), ("xa", "dsa", "angiography", "angiogram")),
+        Label("mammography", ("mammography", "mammogram"), ("mg", "mammography", "mammogram")),
         Label("fluoroscopy", ("fluoroscopy", "fluoroscopic image"), ("rf", "fluoroscopy")),
     ),
+    # "{anatomy}" is filled with each body region (see clip_med.eval.zero_shot.label_prompts).
     prompt_templates=(
+        "{} image of the {anatomy}.",
         "{} image.",
         "a {} scan.",
-        "a {} image of the patient.",
         "a medical {} image.",
-        "{} image of the body.",
     ),
 )
 
 ANATOMY = Task(
     name="anatomy",
     labels=(
-        Label("head", ("head", "brain", "skull"), ("head", "brain", "skull", "head and neck")),
-        Label("neck", ("neck", "cervical soft tissue"), ("neck",)),
-        Label("thorax", ("chest", "thorax", "lungs"), ("thorax", "chest", "lung", "breast")),
-        Label("abdomen", ("abdomen", "abdominal organs"), ("abdomen",)),
+        Label("head", ("head", "brain", "skull"),
+              ("head", "brain", "skull", "head and neck", "headneck", "head neck", "iac", "orbit", "sinus", "jaw",
+               "tmj", "face", "eye", "cranium")),
+        Label("neck", ("neck", "cervical soft tissue"), ("neck", "thyroid", "larynx", "pharynx")),
+        Label("thorax", ("chest", "thorax", "lungs"), ("thorax", "chest", "lung", "breast", "heart", "mediastinum")),
+        Label("abdomen", ("abdomen", "abdominal organs"),
+              ("abdomen", "liver", "pancreas", "spleen", "stomach", "gallbladder", "colon", "bowel")),
         Label(
             "spine_msk",
             ("spine and musculoskeletal system", "spine", "bones and joints"),
-            ("spine and muscles", "spine", "musculoskeletal", "extremity"),
+            ("spine and muscles", "spine", "musculoskeletal", "extremity", "cspine", "tspine", "lspine", "sspine",
+             "lsspine", "coccyx", "sacrum", "shoulder", "elbow", "wrist", "hand", "finger", "hip", "knee", "ankle",
+             "foot", "leg", "arm", "femur", "humerus", "clavicle", "scapula", "lowerlimb", "upperlimb"),
         ),
         Label(
             "urogenital",
             ("reproductive and urinary system", "pelvis", "urinary tract"),
-            ("reproductive and urinary system", "genitourinary", "pelvis"),
+            ("reproductive and urinary system", "genitourinary", "pelvis", "kidney", "bladder", "prostate", "uterus",
+             "ovary", "testis", "scrotum", "urinary tract"),
         ),
     ),
     prompt_templates=(
+        "{modality} image of the {}.",
         "an image of the {}.",
         "a scan of the {}.",
         "a radiology image of the {}.",
-        "a medical image showing the {}.",
-        "{} imaging.",
     ),
 )
 
@@ -130,14 +139,3 @@ def display_name(task: str, label_id: str) -> str:
     if label_id == UNKNOWN:
         return ""
     return get_task(task).label(label_id).display
-
-
-def prompts_for(task: str, labels: list[str], templates: list[str] | None = None) -> dict[str, list[str]]:
-    """The default prompt ensemble: every display name of a label in every template."""
-    task_def = get_task(task)
-    templates = list(templates or task_def.prompt_templates)
-    prompts = {}
-    for label_id in labels:
-        names = task_def.label(label_id).names
-        prompts[label_id] = [template.format(name) for template in templates for name in names]
-    return prompts

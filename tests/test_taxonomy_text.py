@@ -2,6 +2,7 @@ import pytest
 
 from clip_med import taxonomy
 from clip_med.data.text import decode_caption, render_text
+from clip_med.eval.zero_shot import label_prompts
 
 
 @pytest.mark.parametrize("task,value,expected", [
@@ -23,9 +24,19 @@ def test_every_medpix_category_maps_to_a_distinct_label():
 
 
 def test_prompts_use_every_name_in_every_template():
-    prompts = taxonomy.prompts_for("modality", ["ct", "mr"], templates=["a {} scan."])
+    prompts = label_prompts("modality", ["ct", "mr"], templates=["a {} scan."])
     assert prompts["ct"] == ["a CT scan.", "a computed tomography scan.", "a CT scan scan."]
     assert prompts["mr"][0] == "a MRI scan."
+
+
+def test_prompts_fill_the_other_task_from_context():
+    prompts = label_prompts("anatomy", ["head"], templates=["{modality} image of the {}."],
+                            context={"modality": ["ct", "mr", "unknown"]}, synonyms=False)
+    assert prompts == {"head": ["CT image of the head.", "MRI image of the head."]}
+    everything = label_prompts("modality", ["ct"], templates=["{} image of the {anatomy}."], synonyms=False)
+    assert len(everything["ct"]) == len(taxonomy.ANATOMY.labels)
+    with pytest.raises(KeyError, match="only {} and task names"):
+        label_prompts("modality", ["ct"], templates=["{} image, {colour}."])
 
 
 def test_unknown_task_and_label_errors_name_the_choices():

@@ -37,7 +37,7 @@ def test_writes_bounded_shards_with_metadata(tmp_path):
     assert manifest.label_counts == {"modality": {"ct": 3, "mr": 4}}
     members = _tar_members(tmp_path / "out" / "train-000000.tar")
     names = [name for name, _ in members]
-    assert names[:3] == ["item_0.png", "item_0.txt", "item_0.json"]  # no dot inside the key
+    assert sorted(names[:3]) == ["item_0.json", "item_0.png", "item_0.txt"]  # no dot inside the key
     meta = json.loads(dict(members)["item_0.json"])
     assert meta["id"] == "item.0" and meta["labels"] == {"modality": "mr"} and meta["meta"] == {"n": 0}
     assert meta["image"]["mode"] == "L" and meta["image"]["width"] == 48

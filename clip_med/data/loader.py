@@ -2,38 +2,53 @@
 
 Training pipeline, per epoch::
 
-    epoch_shards (shuffled by seed+epoch) -> split_by_node -> split_by_worker
-    -> tarfile_to_samples -> seeded_shuffle -> skip_consumed -> decode -> to_sample
-    -> batched -> collate (tokenize, tag with worker position and error counts)
+    epoch_shards (shuffled by seed+epoch) -> split_shards (by rank, then by loader worker)
+    -> tarfile_to_samples -> check_shard_lengths -> seeded_shuffle -> skip_consumed
+    -> decode (images and text only) -> to_sample -> batched
+    -> collate (tokenize, tag with worker position and error counts)
 
-Every stage gets the same error handler, which logs the problem (with the shard URL and
-sample key) and counts it; batches carry each worker's running counts to the trainer.
+Errors are logged (with the shard URL and sample key) and counted: anything that goes wrong
+while reading a tar, or a shard that ends before its manifest count, counts once as
+``bad_shard``; a sample that cannot be decoded or has no image or text as ``bad_image`` or
+``bad_sample``. Batches carry each worker's running counts to the trainer. Only image and text
+members are decoded: webdataset's default decoder would also unpickle ``.pyd``/``.pickle``/
+``.pth`` members, which a shard from elsewhere could use to run code.
 
 Determinism and resume: shard order, the sample shuffle, augmentation and text sampling are
-seeded by (seed, epoch, rank, worker, sample key), so an epoch replays identically, and a
-resumed run skips, in each worker, exactly the batches it had already delivered.
+seeded by (seed, epoch, rank, worker, sample key), so an epoch replays identically. Each batch
+says which worker made it and how many raw samples that worker had read (after the shuffle,
+before decoding), so a resumed run skips exactly what was consumed, even where some samples
+were dropped as undecodable. ``first_worker`` rotates the worker numbering so that the
+DataLoader's round-robin order continues with the worker that was next when the run stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = "png;jpg;jpeg;webp;tif;tiff"
+# What the pipelines decode; any other member stays bytes. webdataset's default handlers would also
+# unpickle .pyd/.pickle/.pth members, which a shard from elsewhere could use to run code.
+EVAL_DECODE = [*IMAGE_KEYS.split(";"), "txt", "json"]
+TRAIN_DECODE = [*IMAGE_KEYS.split(";"), "txt"]  # training does not use the metadata
+_IMAGE_EXTENSIONS = frozenset(IMAGE_KEYS.split(";"))
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
@@ -48,6 +63,16 @@ class LoaderConfig:
     text_sampling: str = "sentences"
     sentence_keep_prob: float = 0.5
     prefetch_factor: int = 4
+
+
+@dataclass
+class WorkerPosition:
+    """Where one loader worker stands in an epoch (what a step-exact resume needs from it)."""
+
+    samples: int = 0  # raw samples read after the shuffle, including any that failed to decode
+    batches: int = 0  # batches delivered
+    # Per-sample error counts so far; shard-level errors are met again when the stream is replayed.
+    sample_errors: dict[str, int] = field(default_factory=dict)
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -70,27 +95,102 @@ def _stable_seed(*parts: Any) -> int:
 
 
 class ErrorCounter:
-    """A webdataset handler: log the exception, count it by kind, keep going."""
+    """A webdataset handler: log the exception, count it by kind, keep going.
 
-    def __init__(self, max_logged: int = 20):
-        self.counts: Counter = Counter()
+    ``kind`` fixes the kind every error of this handler's stage is counted as (a stage that
+    reads tars only meets broken shards); without it the kind is guessed from the message.
+    """
+
+    def __init__(self, max_logged: int = 20, kind: Optional[str] = None, initial: Optional[dict[str, int]] = None,
+                 shard_errors: bool = True):
+        self.counts: Counter = Counter(initial or {})
         self.max_logged = max_logged
+        self.fixed_kind = kind
+        self.shard_errors = shard_errors  # False for stages after the tar reader: never "bad_shard"
+        self.logged = 0
 
     @staticmethod
-    def kind(exn: BaseException) -> str:
+    def kind(exn: BaseException, shard_errors: bool = True) -> str:
+        explicit = getattr(exn, "kind", None)
+        if isinstance(explicit, str):
+            return explicit
         text = f"{type(exn).__name__} {exn}".lower()
-        if "tar" in text or "unexpected end" in text or isinstance(exn, EOFError):
+        if shard_errors and ("tar" in text or "unexpected end" in text or isinstance(exn, EOFError)):
             return "bad_shard"
         if "decod" in text or "image" in text or "truncated" in text:
             return "bad_image"
         return "bad_sample"
 
     def __call__(self, exn: BaseException) -> bool:
-        kind = self.kind(exn)
+        kind = self.fixed_kind or self.kind(exn, self.shard_errors)
         self.counts[kind] += 1
-        if sum(self.counts.values()) <= self.max_logged:
+        self.logged += 1
+        if self.logged <= self.max_logged:
             log.warning("skipping %s: %s: %s", kind, type(exn).__name__, exn)
         return True
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used (counted as ``kind``)."""
+
+    def __init__(self, message: str, kind: str = "bad_sample"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ShardErrorCounter(ErrorCounter):
+    """The handler of the tar-reading stage: counts each broken shard once, however many errors it raises."""
+
+    def __init__(self, max_logged: int = 20):
+        super().__init__(max_logged, kind="bad_shard")
+        self.current: Optional[str] = None
+        self.seen: set[str] = set()
+
+    def opening(self, url: str) -> None:
+        self.current = url
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.report(self.current, f"{type(exn).__name__}: {exn}")
+        return True
+
+    def report(self, url: Optional[str], problem: str) -> None:
+        if url in self.seen:
+            log.debug("more trouble with %s: %s", url, problem)
+            return
+        self.seen.add(url)
+        self.counts[self.fixed_kind] += 1
+        self.logged += 1
+        if self.logged <= self.max_logged:
+            log.warning("skipping bad_shard %s (the rest of it is skipped; its samples read so far are kept): %s",
+                        url, problem)
+
+
+def check_shard_lengths(expected: Optional[dict[str, int]],
+                        errors: ShardErrorCounter) -> Callable[[Iterator], Iterator]:
+    """Count a shard that ends early as broken: a tar cut at a member boundary reads without any error."""
+
+    def finish(url: Optional[str], seen: int) -> None:
+        if url is not None and expected and seen < expected.get(url, 0):
+            errors.report(url, f"it ended after {seen} of the {expected[url]} samples its manifest lists")
+
+    def stage(src):
+        url, seen = None, 0
+        for sample in src:
+            if sample.get("__url__") != url:
+                finish(url, seen)
+                url, seen = sample.get("__url__"), 0
+            seen += 1
+            yield sample
+        finish(url, seen)
+
+    return stage
+
+
+def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
+    total: Counter = Counter()
+    for part in counts:
+        total.update(part)
+    return dict(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +205,7 @@ def assign_shards(urls: Sequence[str], epoch: int, seed: int, shuffle: bool) -> 
 
 
 def worker_shards(urls: Sequence[str], rank: int, world_size: int, worker: int, workers: int) -> list[str]:
-    """The same split webdataset's split_by_node then split_by_worker make."""
+    """Shards of one loader worker of one rank: every world_size-th for the rank, then every workers-th."""
     return list(urls)[rank::world_size][worker::workers]
 
 
@@ -126,7 +226,12 @@ def effective_workers(num_shards: int, world_size: int, workers: int) -> int:
 
 def steps_per_epoch(shard_counts: dict[str, int], urls: Sequence[str], epoch: int, seed: int, shuffle: bool,
                     world_size: int, workers: int, batch_size: int) -> int:
-    """Full batches every rank can deliver this epoch: the minimum over ranks."""
+    """Full batches every rank can deliver this epoch: the minimum over ranks.
+
+    Each worker drops its last partial batch and a rank with more batches than the others
+    stops with them, so per epoch at most ``batch_size - 1`` samples per worker plus the ranks'
+    imbalance are left out; shard order changes every epoch, so it is not the same ones.
+    """
     order = assign_shards(urls, epoch, seed, shuffle)
     streams = max(workers, 1)
     per_rank = []
@@ -143,6 +248,34 @@ def steps_per_epoch(shard_counts: dict[str, int], urls: Sequence[str], epoch: in
 # Pipeline stages
 
 
+def decode_image(key: str, data: bytes) -> Optional[Image.Image]:
+    """webdataset image handler: the image in its own mode (the transform converts to RGB after cropping,
+    which for grayscale scans is a third of the work of converting first, as webdataset's "pil" does)."""
+    if key.rsplit(".", 1)[-1].lower() not in _IMAGE_EXTENSIONS:
+        return None
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def logical_worker(first_worker: int = 0) -> tuple[int, int]:
+    """(worker, workers) of the calling loader worker, its number rotated by ``first_worker``."""
+    info = torch.utils.data.get_worker_info()
+    physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return (physical + first_worker) % workers, workers
+
+
+def announce_shards(on_shard: Callable[[str], None]) -> Callable[[Iterator], Iterator]:
+    """Tell ``on_shard`` of each shard as it is handed on to be opened."""
+
+    def stage(src):
+        for item in src:
+            on_shard(item["url"])
+            yield item
+
+    return stage
+
+
 def epoch_shards(urls: Sequence[str], epoch: int, seed: int, shuffle: bool) -> Callable[[], Iterator[dict]]:
     def source():
         for url in assign_shards(urls, epoch, seed, shuffle):
@@ -151,23 +284,43 @@ def epoch_shards(urls: Sequence[str], epoch: int, seed: int, shuffle: bool) -> C
     return source
 
 
-def seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator], Iterator]:
+def split_shards(rank: int, world_size: int, first_worker: int = 0,
+                 on_shard: Optional[Callable[[str], None]] = None) -> Callable[[Iterator], Iterator]:
+    """This rank's and this worker's shards (the split ``worker_shards`` plans with).
+
+    ``on_shard`` hears of each shard as it is handed on to be opened.
+    """
+
     def stage(src):
-        rank, _, worker, _ = pytorch_worker_info()
-        rng = random.Random(_stable_seed(seed, "samples", epoch, rank, worker))
+        worker, workers = logical_worker(first_worker)
+        for item in worker_shards(list(src), rank, world_size, worker, workers):
+            if on_shard is not None:
+                on_shard(item["url"])
+            yield item
+
+    return stage
+
+
+def seeded_shuffle(bufsize: int, seed: int, epoch: int, rank: Optional[int] = None,
+                   first_worker: int = 0) -> Callable[[Iterator], Iterator]:
+    def stage(src):
+        worker, _ = logical_worker(first_worker)
+        node = pytorch_worker_info()[0] if rank is None else rank
+        rng = random.Random(_stable_seed(seed, "samples", epoch, node, worker))
         return wds.filters.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
     return stage
 
 
-def skip_consumed(batches_done: dict[int, int], batch_size: int) -> Callable[[Iterator], Iterator]:
-    """Drop the samples behind batches this worker already delivered (resume)."""
+def skip_consumed(positions: dict[int, WorkerPosition], first_worker: int = 0) -> Callable[[Iterator], Iterator]:
+    """Number the samples of this worker's stream and drop those a previous run already read."""
 
     def stage(src):
-        _, _, worker, _ = pytorch_worker_info()
-        to_skip = batches_done.get(worker, 0) * batch_size
+        worker, _ = logical_worker(first_worker)
+        to_skip = positions[worker].samples if worker in positions else 0
         for index, sample in enumerate(src):
             if index >= to_skip:
+                sample["__index__"] = index
                 yield sample
 
     return stage
@@ -183,15 +336,19 @@ def sample_sentences(text: str, keep_prob: float, rng: random.Random) -> str:
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
-    """Seed torch's and Python's global RNGs (torchvision and open_clip transforms use both), then restore them."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
+    """Seed torch's CPU and Python's global RNGs (torchvision and open_clip transforms use both), then restore them.
+
+    Only the CPU generator is touched: ``torch.manual_seed`` would also queue a lazy seed for
+    every accelerator backend, which costs more than decoding a small image.
+    """
+    python_state, torch_state = random.getstate(), torch.default_generator.get_state()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.default_generator.set_state(torch_state)
 
 
 def to_sample(transform: Callable, seed: int, epoch: int, text_sampling: str,
@@ -201,26 +358,34 @@ def to_sample(transform: Callable, seed: int, epoch: int, text_sampling: str,
     def apply(sample: dict) -> dict:
         image_key = next((key for key in IMAGE_KEYS.split(";") if key in sample), None)
         if image_key is None or "txt" not in sample:
-            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image or no txt")
+            raise SampleError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image or no txt")
         sample_seed = _stable_seed(seed, epoch, sample["__key__"])
         with seeded_rngs(sample_seed):
             image = transform(sample[image_key])
         text = sample["txt"]
         if text_sampling == "sentences":
             text = sample_sentences(text, keep_prob, random.Random(sample_seed))
-        return {"image": image, "text": text, "json": sample.get("json") or {}, "key": sample["__key__"]}
+        meta = sample.get("json")
+        return {"image": image, "text": text, "json": meta if isinstance(meta, dict) else {}, "key": sample["__key__"],
+                "index": sample.get("__index__", -1)}
 
     return apply
 
 
-def collate(tokenizer: Callable, counter: ErrorCounter, skipped_batches: dict[int, int]) -> Callable:
-    """Stack images, tokenize texts, and tag the batch with where it came from."""
+def collate(tokenizer: Callable, counter: ErrorCounter, skipped: dict[int, Any], first_worker: int = 0,
+            stream_counter: Optional[ErrorCounter] = None) -> Callable:
+    """Stack images, tokenize texts, and tag the batch with where it came from.
+
+    ``skipped`` maps a worker to the batches it delivered before (an int, or a WorkerPosition).
+    """
     state = {"index": None}
 
     def apply(samples: list[dict]) -> dict:
-        _, _, worker, _ = pytorch_worker_info()
+        worker, _ = logical_worker(first_worker)
         if state["index"] is None:
-            state["index"] = skipped_batches.get(worker, 0)
+            done = skipped.get(worker, 0)
+            state["index"] = done.batches if isinstance(done, WorkerPosition) else done
+        stream_counts = dict(stream_counter.counts) if stream_counter is not None else {}
         batch = {
             "images": torch.stack([sample["image"] for sample in samples]),
             "texts": tokenizer([sample["text"] for sample in samples]),
@@ -229,12 +394,20 @@ def collate(tokenizer: Callable, counter: ErrorCounter, skipped_batches: dict[in
             "meta": [sample["json"] for sample in samples],
             "worker": worker,
             "worker_batch": state["index"],
-            "errors": dict(counter.counts),
+            "worker_samples": samples[-1]["index"] + 1,
+            "sample_errors": dict(counter.counts),
+            "errors": merge_counts(stream_counts, counter.counts),
         }
         state["index"] += 1
         return batch
 
     return apply
+
+
+def batch_position(batch: dict) -> WorkerPosition:
+    """The position of the worker that made ``batch`` once the batch has been consumed."""
+    return WorkerPosition(samples=batch["worker_samples"], batches=batch["worker_batch"] + 1,
+                          sample_errors=dict(batch["sample_errors"]))
 
 
 def _identity(samples):
@@ -255,27 +428,57 @@ class _Pipeline(IterableDataset):
         return iter(self.build())
 
 
+def _positions(batch_size: int, batches_done: Optional[dict[int, int]],
+               resume: Optional[dict[int, WorkerPosition]]) -> dict[int, WorkerPosition]:
+    if resume is not None:
+        return dict(resume)
+    # Batch counts alone: exact while no sample in the consumed part failed to decode.
+    return {worker: WorkerPosition(samples=count * batch_size, batches=count)
+            for worker, count in (batches_done or {}).items()}
+
+
 def create_train_loader(urls: Sequence[str], transform: Callable, tokenizer: Callable, cfg: LoaderConfig,
                         epoch: int, seed: int, workers: int,
-                        batches_done: Optional[dict[int, int]] = None) -> DataLoader:
-    batches_done = dict(batches_done or {})
+                        batches_done: Optional[dict[int, int]] = None, *,
+                        resume: Optional[dict[int, WorkerPosition]] = None,
+                        rank: Optional[int] = None, world_size: Optional[int] = None,
+                        first_worker: int = 0, pin_memory: bool = False,
+                        shard_counts: Optional[dict[str, int]] = None) -> DataLoader:
+    """One epoch of this rank's training batches.
+
+    ``rank``/``world_size`` default to torchrun's environment (or the initialised process
+    group). A resumed epoch passes ``resume`` (each worker's position) and ``first_worker``
+    (the worker whose batch was due next). ``shard_counts`` (the manifest's samples per shard)
+    lets a shard that ends early count as broken.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = pytorch_worker_info()[:2]
+    positions = _positions(cfg.batch_size, batches_done, resume)
 
     def build():
-        counter = ErrorCounter()
+        worker, _ = logical_worker(first_worker)
+        stream_errors = ShardErrorCounter()
+        sample_errors = ErrorCounter(initial=positions[worker].sample_errors if worker in positions else None,
+                                     shard_errors=False)
         return wds.DataPipeline(
             epoch_shards(urls, epoch, seed, shuffle=True),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=counter),
-            seeded_shuffle(cfg.shuffle_buffer, seed, epoch),
-            skip_consumed(batches_done, cfg.batch_size),
-            wds.decode("pil", handler=counter),
-            wds.map(to_sample(transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob), handler=counter),
+            split_shards(rank, world_size, first_worker, stream_errors.opening),
+            wds.tarfile_to_samples(handler=stream_errors),
+            check_shard_lengths(shard_counts, stream_errors),
+            seeded_shuffle(cfg.shuffle_buffer, seed, epoch, rank, first_worker),
+            skip_consumed(positions, first_worker),
+            wds.decode(decode_image, handler=sample_errors, only=TRAIN_DECODE),
+            wds.map(to_sample(transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob),
+                    handler=sample_errors),
             wds.batched(cfg.batch_size, collation_fn=_identity, partial=False),
-            wds.map(collate(tokenizer, counter, batches_done), handler=counter),
+            wds.map(collate(tokenizer, sample_errors, positions, first_worker, stream_errors),
+                    handler=sample_errors),
         )
 
-    return _data_loader(_Pipeline(build), workers, cfg.prefetch_factor)
+    # The loader's own base seed comes from this generator, not from the global RNG, so
+    # creating a loader does not change the training process's random state.
+    generator = torch.Generator().manual_seed(_stable_seed(seed, "loader", epoch, rank))
+    return _data_loader(_Pipeline(build), workers, cfg.prefetch_factor, pin_memory, generator)
 
 
 def create_eval_loader(urls: Sequence[str], transform: Callable, tokenizer: Callable, batch_size: int,
@@ -283,17 +486,18 @@ def create_eval_loader(urls: Sequence[str], transform: Callable, tokenizer: Call
     """Every sample once, in shard order per worker, unaugmented and with its full text."""
 
     def build():
-        counter = ErrorCounter()
+        stream_errors, sample_errors = ShardErrorCounter(), ErrorCounter(shard_errors=False)
         stages = [wds.SimpleShardList(list(urls))]
         if split_by_node:
             stages.append(wds.split_by_node)
         stages += [
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=counter),
-            wds.decode("pil", handler=counter),
-            wds.map(to_sample(transform, 0, 0, "full", 1.0), handler=counter),
+            announce_shards(stream_errors.opening),
+            wds.tarfile_to_samples(handler=stream_errors),
+            wds.decode(decode_image, handler=sample_errors, only=EVAL_DECODE),
+            wds.map(to_sample(transform, 0, 0, "full", 1.0), handler=sample_errors),
             wds.batched(batch_size, collation_fn=_identity, partial=True),
-            wds.map(collate(tokenizer, counter, {}), handler=counter),
+            wds.map(collate(tokenizer, sample_errors, {}, stream_counter=stream_errors), handler=sample_errors),
         ]
         return wds.DataPipeline(*stages)
 
@@ -301,12 +505,16 @@ def create_eval_loader(urls: Sequence[str], transform: Callable, tokenizer: Call
     return _data_loader(_Pipeline(build), workers, 2)
 
 
-def _data_loader(dataset: IterableDataset, workers: int, prefetch_factor: int) -> DataLoader:
+def _data_loader(dataset: IterableDataset, workers: int, prefetch_factor: int, pin_memory: bool = False,
+                 generator: Optional[torch.Generator] = None) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
-        collate_fn=None,
+        # Batches are already collated in the workers; the default would walk every batch recursively.
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        generator=generator,
     )

@@ -37,6 +37,9 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[SkippedItem] = field(default_factory=list)
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Where the written samples' labels came from, per task: metadata, caption, description,
+    # folder, config or none (see clip_med.data.record.Record.label_origin).
+    label_origins: dict[str, dict[str, int]] = field(default_factory=dict)
     complete: bool = True
 
     @property
@@ -77,6 +80,7 @@ class Manifest:
             shards=[ShardInfo(**shard) for shard in data["shards"]],
             skipped=[SkippedItem(**item) for item in data["skipped"]],
             label_counts=data["label_counts"],
+            label_origins=data.get("label_origins", {}),
             complete=data.get("complete", True),
         )
 

@@ -29,6 +29,10 @@ class Record:
     decoder: str = "pil"
     problem: str | None = None
     problem_detail: str = ""
+    # Where each label came from: "metadata" (a source field or DICOM tag), "description" (DICOM
+    # study/series descriptions through the caption rules), "caption" (the rules of
+    # clip_med.text_labels), "folder" (a class-folder name), "config" (source.labels) or "none".
+    label_origin: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -37,7 +41,9 @@ class Record:
 
     def fingerprint_fields(self) -> tuple:
         return (self.id, self.split, self.image, self.caption, self.text, self.decoder, self.problem,
-                sorted(self.labels.items()), repr(sorted(self.meta.items())))
+                sorted(self.labels.items()), repr(sorted(self.meta.items())),
+                # only when set, so that fingerprints of sources that never set it are unchanged
+                *((sorted(self.label_origin.items()),) if self.label_origin else ()))
 
 
 class SkipReason:
@@ -52,6 +58,7 @@ class SkipReason:
     TOO_MANY_PIXELS = "too_many_pixels"
     UNSUPPORTED_MODE = "unsupported_mode"
     UNDECODABLE_DICOM = "undecodable_dicom"
+    NO_PIXEL_DATA = "no_pixel_data"
     EMPTY_CAPTION = "empty_caption"
     CAPTION_NOT_UTF8 = "caption_not_utf8"
     DUPLICATE_IMAGE = "duplicate_image"

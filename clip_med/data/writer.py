@@ -4,10 +4,11 @@ Qualities (each one tested):
 
 * **deterministic**: records are written in the reader's order; images are prepared in worker
   processes but collected in order, so the shards are byte-identical whatever the worker count;
-* **atomic**: a shard is written to ``<name>.tmp`` and renamed when complete;
-* **resumable**: after each shard, a line is appended to ``.progress/<split>.jsonl``; a re-run
-  with the same fingerprint continues after the last complete shard, so killing the writer at
-  any moment loses nothing and duplicates nothing;
+* **atomic**: a shard is written to ``<name>.tmp``, flushed to disk and renamed when complete;
+* **resumable**: after each shard, a line is appended (and fsynced) to ``.progress/<split>.jsonl``;
+  a re-run with the same fingerprint continues after the last journaled shard and deletes any
+  shard written after it, so killing the writer at any moment (SIGKILL included) loses nothing
+  and duplicates nothing, and the result equals an uninterrupted run;
 * **no-op on an unchanged source**: a complete manifest with the same fingerprint, whose shards
   are all present, means there is nothing to do;
 * **accounting**: every input record is either written or listed as skipped with its reason,
@@ -20,9 +21,9 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ from clip_med.data.manifest import (
     manifest_is_current,
     save_manifest,
 )
+from clip_med.data.processes import spawn_pool
 from clip_med.data.record import Record, SkipReason
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class ShardConfig:
     max_file_bytes: int = 512 * 1024 * 1024
     # Worker processes that decode and encode images; 0 decodes in this process, -1 uses all cores.
     workers: int = -1
+    # Seconds between progress lines in the log (for runs without a terminal); 0 turns them off.
+    log_every_s: float = 60.0
     dedup: bool = True
     progress: bool = True
 
@@ -82,7 +86,8 @@ class ShardConfig:
 
     def content_options(self) -> dict[str, Any]:
         """The options that change what is written (and therefore the fingerprint)."""
-        return {key: value for key, value in asdict(self).items() if key not in ("out", "root", "workers", "progress")}
+        return {key: value for key, value in asdict(self).items()
+                if key not in ("out", "root", "workers", "progress", "log_every_s")}
 
     def worker_count(self) -> int:
         return (os.cpu_count() or 1) if self.workers < 0 else self.workers
@@ -128,12 +133,11 @@ def _prepared_stream(records: list[Record], start: int, cfg: ShardConfig, pool) 
 
 @contextlib.contextmanager
 def worker_pool(workers: int):
-    """A process pool, or None for in-process work. "spawn": the parent may hold torch's
-    thread pools, which do not survive a fork."""
-    if workers <= 1:
+    """A process pool (see :mod:`clip_med.data.processes`), or None for in-process work (``workers <= 0``)."""
+    if workers <= 0:
         yield None
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with spawn_pool(workers) as pool:
         yield pool
 
 
@@ -172,12 +176,15 @@ class _Journal:
         return path.is_file() and path.stat().st_size == size
 
     def start(self, fingerprint_: str, entries: list[dict]) -> None:
+        """Rewrite the journal with the entries still valid (atomically: a kill here keeps the old one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", encoding="utf-8") as handle:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
             for entry in [{"fingerprint": fingerprint_}, *entries]:
                 handle.write(json.dumps(entry) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
 
     def append(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -194,7 +201,7 @@ class _Journal:
 
 
 def _sample(record: Record, image: PreparedImage, source_name: str) -> dict[str, Any]:
-    metadata = {
+    metadata: dict[str, Any] = {
         "id": record.id,
         "source": source_name,
         "split": record.split,
@@ -204,6 +211,8 @@ def _sample(record: Record, image: PreparedImage, source_name: str) -> dict[str,
         "origin": record.image,
         "image": {"width": image.width, "height": image.height, "mode": image.mode, "sha256": image.pixel_hash},
     }
+    if record.label_origin:
+        metadata["label_origin"] = record.label_origin
     return {
         "__key__": record.key,
         image.ext: image.data,
@@ -220,9 +229,12 @@ class _SplitWriter:
         self.shards = [ShardInfo(**entry["shard"]) for entry in entries if entry.get("shard")]
         self.skipped = [SkippedItem(**item) for entry in entries for item in entry["skipped"]]
         self.labels: dict[str, Counter] = {}
+        self.origins: dict[str, Counter] = {}
         for entry in entries:
             self._add_labels(entry["labels"])
-        self.hashes = {digest for entry in entries for digest in entry["hashes"]}
+            _add_counts(self.origins, entry.get("origins", {}))
+        # pixel hash -> key of the sample written with it (the journal keeps both lists in step)
+        self.hashes = {digest: key for entry in entries for digest, key in zip(entry["hashes"], entry["keys"])}
         self.keys = {key for entry in entries for key in entry["keys"]}
         self._reset_pending()
         self.writer: TarWriter | None = None
@@ -232,17 +244,19 @@ class _SplitWriter:
         self.pending_hashes: list[str] = []
         self.pending_keys: list[str] = []
         self.pending_labels: dict[str, Counter] = {}
+        self.pending_origins: dict[str, Counter] = {}
         self.count = 0
         self.size = 0
 
     def _add_labels(self, labels: dict[str, dict[str, int]]) -> None:
-        for task, counts in labels.items():
-            self.labels.setdefault(task, Counter()).update(counts)
+        _add_counts(self.labels, labels)
 
     def shard_name(self, index: int) -> str:
         return f"{self.split}-{index:06d}.tar"
 
     def skip(self, record: Record, reason: str, detail: str = "") -> None:
+        if not reason:
+            raise ValueError(f"record {record.id!r} skipped without a reason")
         self.pending_skipped.append(SkippedItem(record.id, record.image, reason, detail))
 
     def add(self, record: Record, image: PreparedImage, source_name: str) -> None:
@@ -250,7 +264,8 @@ class _SplitWriter:
             self.skip(record, SkipReason.DUPLICATE_ID, f"sample key {record.key!r} was already written")
             return
         if self.cfg.dedup and image.pixel_hash[:32] in self.hashes:
-            self.skip(record, SkipReason.DUPLICATE_IMAGE, f"same pixels as an earlier image ({image.pixel_hash[:16]})")
+            self.skip(record, SkipReason.DUPLICATE_IMAGE,
+                      f"same pixels as sample {self.hashes[image.pixel_hash[:32]]!r} (sha256 {image.pixel_hash[:16]})")
             return
         sample = _sample(record, image, source_name)
         sample_bytes = sum(len(value) for key, value in sample.items() if key != "__key__")
@@ -262,12 +277,14 @@ class _SplitWriter:
         self.writer.write(sample)
         self.count += 1
         self.size += sample_bytes
-        self.hashes.add(image.pixel_hash[:32])
+        self.hashes[image.pixel_hash[:32]] = record.key
         self.keys.add(record.key)
         self.pending_hashes.append(image.pixel_hash[:32])
         self.pending_keys.append(record.key)
         for task, label in record.labels.items():
             self.pending_labels.setdefault(task, Counter())[label] += 1
+        for task, origin in record.label_origin.items():
+            self.pending_origins.setdefault(task, Counter())[origin] += 1
 
     def close_shard(self, next_input: int | None) -> None:
         """Finish the open shard (if any) and journal it with the skips seen so far."""
@@ -278,12 +295,15 @@ class _SplitWriter:
             with open(self.tmp_path, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(self.tmp_path, final)
+            _fsync_dir(self.out_dir)
             shard = ShardInfo(final.name, self.count, final.stat().st_size)
             self.shards.append(shard)
             self.writer = None
         self.skipped.extend(self.pending_skipped)
         labels = {task: dict(counts) for task, counts in self.pending_labels.items()}
+        origins = {task: dict(counts) for task, counts in self.pending_origins.items()}
         self._add_labels(labels)
+        _add_counts(self.origins, origins)
         self.journal.append({
             "shard": asdict(shard) if shard else None,
             "next_input": next_input if next_input is not None else self.next_input,
@@ -291,8 +311,24 @@ class _SplitWriter:
             "hashes": self.pending_hashes,
             "keys": self.pending_keys,
             "labels": labels,
+            "origins": origins,
         })
         self._reset_pending()
+
+
+def _add_counts(into: dict[str, Counter], counts: dict[str, dict[str, int]]) -> None:
+    for task, values in counts.items():
+        into.setdefault(task, Counter()).update(values)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    with contextlib.suppress(OSError):
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 def _remove_stale(out_dir: Path, split: str, keep: int) -> None:
@@ -329,12 +365,13 @@ def write_split(records: list[Record], split: str, out_dir: str | Path, cfg: Sha
     prepared = _prepared_stream(records, start, cfg, pool)
     with tqdm(total=len(records), initial=start, desc=f"shard {split}", unit="img",
               disable=not cfg.progress, dynamic_ncols=True) as bar:
+        progress_log = _ProgressLog(f"{out_dir}/{split}", cfg.log_every_s if cfg.progress else 0, bar)
         for index in range(start, len(records)):
             record = records[index]
             state.next_input = index  # a shard closed while adding this record ends before it
             if record.problem is not None:
                 reason, _, detail = record.problem.partition(": ")
-                state.skip(record, reason, detail)
+                state.skip(record, reason, record.problem_detail or detail)
             else:
                 _, image, reason, detail = next(prepared)
                 if image is None:
@@ -342,6 +379,7 @@ def write_split(records: list[Record], split: str, out_dir: str | Path, cfg: Sha
                 else:
                     state.add(record, image, source_name)
             bar.update(1)
+            progress_log.maybe_log()
     state.close_shard(next_input=len(records))
 
     manifest = Manifest(
@@ -353,12 +391,32 @@ def write_split(records: list[Record], split: str, out_dir: str | Path, cfg: Sha
         shards=state.shards,
         skipped=state.skipped,
         label_counts={task: dict(sorted(counts.items())) for task, counts in state.labels.items()},
+        label_origins={task: dict(sorted(counts.items())) for task, counts in state.origins.items()},
     )
     assert manifest.written_count + len(manifest.skipped) == len(records), "writer lost track of a record"
     save_manifest(manifest, out_dir)
     journal.remove()
     _log_summary(out_dir, manifest)
     return manifest
+
+
+class _ProgressLog:
+    """Progress lines with rate and ETA in the log, for runs whose tqdm bar nobody sees."""
+
+    def __init__(self, where: str, every_s: float, bar: tqdm):
+        self.where, self.every_s, self.bar = where, every_s, bar
+        self.last = time.monotonic()
+
+    def maybe_log(self) -> None:
+        if not self.every_s or time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        info = self.bar.format_dict
+        done, total, rate = info["n"] - info.get("initial", 0), info["total"], info.get("rate")
+        rate = rate or (done / info["elapsed"] if info["elapsed"] else 0.0)
+        eta = (total - info["n"]) / rate if rate else float("inf")
+        log.info("%s: %d/%d records (%.1f/s, ETA %s)", self.where, info["n"], total, rate,
+                 tqdm.format_interval(eta) if eta != float("inf") else "?")
 
 
 def _log_summary(out_dir: Path, manifest: Manifest) -> None:

@@ -34,9 +34,23 @@ class EvalConfig:
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     # Per-task prompt templates ("a {} scan."), replacing the taxonomy's defaults.
     prompt_templates: dict[str, list[str]] = field(default_factory=dict)
+    # False: prompts use only each label's display name (the word clip_med's training templates
+    # write); True adds the taxonomy's synonyms, which helps models that have seen them. None:
+    # the checkpoint's own setting when evaluating a checkpoint, else True.
+    prompt_synonyms: Optional[bool] = None
 
 
-def task_labels(train_labels: Sequence[str], eval_labels: Sequence[str]) -> list[str]:
+@dataclass
+class Predictions:
+    """Per-image probabilities of one method on one task (rows: ``ids``; columns: ``labels``)."""
+
+    ids: list[str]
+    y_true: list[str]
+    labels: list[str]
+    probs: np.ndarray
+
+
+def task_labels(train_labels: Sequence[str]) -> list[str]:
     """Classes of a task: those with training examples (sorted), ``unknown`` excluded."""
     return sorted({label for label in train_labels if label != "unknown"})
 
@@ -47,28 +61,38 @@ def _known(labels: Sequence[str], classes: list[str]) -> np.ndarray:
 
 
 def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: torch.device,
-                        held_out: Embedded, train: Embedded | None, cfg: EvalConfig) -> dict[str, Any]:
+                        held_out: Embedded, train: Embedded | None, cfg: EvalConfig,
+                        predictions: dict[tuple[str, str], Predictions] | None = None) -> dict[str, Any]:
+    """The report; pass a dict as ``predictions`` to also get per-image probabilities by (method, task)."""
     report: dict[str, Any] = {"n_images": len(held_out), "zero_shot": {}, "linear_probe": {}}
     for task in cfg.tasks:
-        classes = task_labels(train.labels[task] if train else held_out.labels[task], held_out.labels[task])
+        classes = task_labels(train.labels[task] if train else held_out.labels[task])
         if len(classes) < 2:
             log.warning("task %s: fewer than two known labels, skipped", task)
             continue
         keep = _known(held_out.labels[task], classes)
         y_true = [label for label, kept in zip(held_out.labels[task], keep) if kept]
-        prompts = label_prompts(task, classes, cfg.prompt_templates.get(task))
+        context = {other: task_labels(train.labels[other] if train else held_out.labels[other])
+                   for other in cfg.tasks if other != task}
+        prompts = label_prompts(task, classes, cfg.prompt_templates.get(task), context=context,
+                                synonyms=cfg.prompt_synonyms is not False)
         weights = zero_shot_weights(model, tokenizer, prompts, device)
         probs = zero_shot_probabilities(held_out.image[keep], weights)
         report["zero_shot"][task] = {**classification_metrics(y_true, probs, classes),
                                      "excluded_unlabelled": int((~keep).sum())}
+        ids = [item for item, kept in zip(held_out.ids, keep) if kept]
+        if predictions is not None:
+            predictions["zero_shot", task] = Predictions(ids, y_true, classes, probs)
         if train is not None:
-            report["linear_probe"][task] = _probe(task, classes, train, held_out, keep, y_true, cfg)
+            report["linear_probe"][task], probe_probs = _probe(task, classes, train, held_out, keep, y_true, cfg)
+            if predictions is not None:
+                predictions["linear_probe", task] = Predictions(ids, y_true, classes, probe_probs)
     report["retrieval"] = retrieval_metrics(held_out.image, held_out.text, cfg.recall_ks)
     return report
 
 
 def _probe(task: str, classes: list[str], train: Embedded, held_out: Embedded, keep: np.ndarray,
-           y_true: list[str], cfg: EvalConfig) -> dict[str, Any]:
+           y_true: list[str], cfg: EvalConfig) -> tuple[dict[str, Any], np.ndarray]:
     train_keep = _known(train.labels[task], classes)
     probe = fit_probe(
         train.image[train_keep],
@@ -81,4 +105,4 @@ def _probe(task: str, classes: list[str], train: Embedded, held_out: Embedded, k
     for column, label in enumerate(probe.labels):
         probs[:, classes.index(label)] = fitted[:, column]
     return {**classification_metrics(y_true, probs, classes), "C": probe.C,
-            "cv_balanced_accuracy": probe.cv_balanced_accuracy, "n_train": int(train_keep.sum())}
+            "cv_balanced_accuracy": probe.cv_balanced_accuracy, "n_train": int(train_keep.sum())}, probs

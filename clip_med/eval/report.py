@@ -50,18 +50,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def classification_table(report: dict[str, Any]) -> list[str]:
+    lines = ["| method | task | n | accuracy | balanced acc. | macro-F1 | AUROC |", "|---|---|---|---|---|---|---|"]
+    for method in ("zero_shot", "linear_probe"):
+        for task, m in report.get(method, {}).items():
+            lines.append(f"| {method} | {task} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} "
+                         f"| {_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} |")
+    return lines
+
+
+def retrieval_table(retrieval: dict[str, Any]) -> list[str]:
+    ks = [key for key in retrieval["image_to_text"] if key.startswith("R@")]
+    lines = ["| direction | " + " | ".join(ks) + " | median rank |", "|---" * (len(ks) + 2) + "|"]
+    for direction in ("image_to_text", "text_to_image"):
+        r = retrieval[direction]
+        lines.append(f"| {direction} | " + " | ".join(_fmt(r[k]) for k in ks) + f" | {_fmt(r['median_rank'])} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on split `{report.get('split', '?')}`", ""]
     for key in ("source", "checkpoint", "step", "n_images"):
         if key in report:
             lines.append(f"- {key}: `{report[key]}`")
     lines.append("")
-    lines += ["## Classification", "", "| method | task | n | accuracy | balanced acc. | macro-F1 | AUROC |",
-              "|---|---|---|---|---|---|---|"]
-    for method in ("zero_shot", "linear_probe"):
-        for task, m in report.get(method, {}).items():
-            lines.append(f"| {method} | {task} | {m['n']} | {_fmt(m['accuracy'])} | {_fmt(m['balanced_accuracy'])} "
-                         f"| {_fmt(m['macro_f1'])} | {_fmt(m['auroc'])} |")
+    lines += ["## Classification", "", *classification_table(report)]
     for method in ("zero_shot", "linear_probe"):
         for task, m in report.get(method, {}).items():
             lines += ["", f"### {method} / {task}: per class", "", "| label | precision | recall | F1 | support |",
@@ -72,13 +85,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"![confusion matrix](confusion_{method}_{task}.png)"]
     retrieval = report.get("retrieval")
     if retrieval:
-        ks = [key for key in retrieval["image_to_text"] if key.startswith("R@")]
-        lines += ["", f"## Retrieval ({retrieval['n']} pairs)", "",
-                  "| direction | " + " | ".join(ks) + " | median rank |", "|---" * (len(ks) + 2) + "|"]
-        for direction in ("image_to_text", "text_to_image"):
-            r = retrieval[direction]
-            lines.append(f"| {direction} | " + " | ".join(_fmt(r[k]) for k in ks) + f" | {_fmt(r['median_rank'])} |")
+        lines += ["", f"## Retrieval ({retrieval['n']} pairs)", "", *retrieval_table(retrieval)]
     return "\n".join(lines) + "\n"
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """The headline tables (classification totals and retrieval), for a terminal."""
+    lines = [f"split {report.get('split', '?')} of {report.get('source', '?')}: {report.get('n_images', '?')} images",
+             *classification_table(report)]
+    if report.get("retrieval"):
+        lines += ["", *retrieval_table(report["retrieval"])]
+    return "\n".join(lines)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

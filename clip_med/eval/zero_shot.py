@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -9,16 +10,23 @@ import torch
 from open_clip import build_zero_shot_classifier
 
 from clip_med import taxonomy
+from clip_med.data.text import template_fields
 
 # The temperature CLIP applies to cosine similarities before the softmax.
 ZERO_SHOT_LOGIT_SCALE = 100.0
 
 
 def label_prompts(task: str, labels: list[str], templates: list[str] | None = None,
-                  prompts: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """The prompt ensemble per label: explicit ``prompts`` win, else taxonomy names x templates.
+                  prompts: dict[str, list[str]] | None = None, context: dict[str, list[str]] | None = None,
+                  synonyms: bool = True) -> dict[str, list[str]]:
+    """The prompt ensemble per label: explicit ``prompts`` win, else label names x templates.
 
-    Labels outside the taxonomy (a user's own class names) are used as their own name.
+    A template holds ``{}`` for the class name and may name another task, as in
+    ``"{modality} image of the {}."``: that placeholder is filled with every label of the other
+    task in ``context`` (task -> label ids, e.g. the labels seen in training; default: the whole
+    taxonomy), and the ensemble averages over them. ``synonyms=False`` uses only each label's
+    display name, the word clip_med's training templates write: a model trained from scratch has
+    never seen the other names. Labels outside the taxonomy are used as their own name.
     """
     if prompts:
         missing = [label for label in labels if not prompts.get(label)]
@@ -27,12 +35,31 @@ def label_prompts(task: str, labels: list[str], templates: list[str] | None = No
         return {label: list(prompts[label]) for label in labels}
     task_def = taxonomy.TASKS.get(task)
     templates = list(templates or (task_def.prompt_templates if task_def else ("a medical image of {}.",)))
-    known = set(task_def.ids) if task_def else set()
     result = {}
     for label in labels:
-        names = task_def.label(label).names if label in known else (label.replace("_", " "),)
-        result[label] = [template.format(name) for template in templates for name in names]
+        filled = [text for template in templates for name in _names(task, label, synonyms)
+                  for text in _fill(template, name, context or {}, synonyms)]
+        result[label] = list(dict.fromkeys(filled))
     return result
+
+
+def _names(task: str, label: str, synonyms: bool) -> tuple[str, ...]:
+    task_def = taxonomy.TASKS.get(task)
+    if task_def is None or label not in task_def.ids:
+        return (label.replace("_", " "),)
+    names = task_def.label(label).names
+    return names if synonyms else names[:1]
+
+
+def _fill(template: str, name: str, context: dict[str, list[str]], synonyms: bool) -> list[str]:
+    fields = [field for field in template_fields(template) if field]
+    for field in fields:
+        if field not in taxonomy.TASKS:
+            raise KeyError(f"prompt template {template!r} names {{{field}}}; only {{}} and task names "
+                           f"({', '.join('{' + t + '}' for t in taxonomy.TASKS)}) can be used")
+    options = [[(field, other) for label in (context.get(field) or taxonomy.TASKS[field].ids) if label != "unknown"
+                for other in _names(field, label, synonyms)] for field in fields]
+    return [template.format(name, **dict(combination)) for combination in itertools.product(*options)]
 
 
 @torch.no_grad()

@@ -27,8 +27,10 @@ class ModelConfig:
     # Any open_clip architecture name: clip_med's (medclip-tiny, medclip-small) or open_clip's
     # own (RN50, ViT-B-16, ...). `python -c "import open_clip; print(open_clip.list_models())"`.
     name: str = "medclip-tiny"
-    # A local open_clip checkpoint file (.pt/.bin/.safetensors) to start from; loaded with
-    # weights_only=True (or safetensors). Nothing is ever downloaded.
+    # A local open_clip checkpoint to start from: a .pt/.bin/.safetensors file (open_clip's own,
+    # open_clip_train's epoch_N.pt, a clip_med training checkpoint) or a folder written by
+    # `python -m clip_med.export`. Loaded with weights_only=True (or safetensors); nothing is ever
+    # downloaded.
     pretrained: Optional[str] = None
     image_size: Optional[int] = None
     context_length: Optional[int] = None
@@ -60,12 +62,28 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}. Known open_clip models: {known}")
 
 
-def _check_pretrained(path: str | None) -> None:
-    if path and not Path(path).is_file():
+# Weights files of an exported (or open_clip hub-style) folder, most preferred first.
+_FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                   "model.safetensors", "pytorch_model.bin")
+
+
+def resolve_pretrained(path: str | None) -> str | None:
+    """The weights file ``model.pretrained`` names (a file, or the weights file inside a folder)."""
+    if not path:
+        return None
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        for name in _FOLDER_WEIGHTS:
+            if (candidate / name).is_file():
+                return str(candidate / name)
+        raise FileNotFoundError(f"model.pretrained={path} is a folder without open_clip weights "
+                                f"(looked for {', '.join(_FOLDER_WEIGHTS)})")
+    if not candidate.is_file():
         raise FileNotFoundError(
             f"model.pretrained={path} is not a file. Give the path of a local open_clip checkpoint "
-            "(.pt, .bin or .safetensors); clip_med never downloads weights."
+            "(.pt, .bin or .safetensors) or an exported folder; clip_med never downloads weights."
         )
+    return str(candidate)
 
 
 def model_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -81,17 +99,20 @@ def model_config(cfg: ModelConfig) -> dict[str, Any]:
 def create_model(cfg: ModelConfig, device: torch.device | str = "cpu", **model_kwargs: Any) -> ModelBundle:
     """Build the model; ``model_kwargs`` go to open_clip (e.g. the loss's ``init_logit_bias``)."""
     _check_name(cfg.name)
-    _check_pretrained(cfg.pretrained)
+    pretrained = resolve_pretrained(cfg.pretrained)
     model = open_clip.create_model(
         cfg.name,
-        pretrained=cfg.pretrained,
+        pretrained=pretrained,
         device=device,
         output_dict=True,
         force_image_size=cfg.image_size,
         force_context_length=cfg.context_length,
-        require_pretrained=bool(cfg.pretrained),
+        require_pretrained=bool(pretrained),
+        weights_only=True,
         **model_kwargs,
     )
+    if pretrained:
+        log.info("model %s starts from %s", cfg.name, pretrained)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.lock_image:

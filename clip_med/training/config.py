@@ -17,6 +17,11 @@ from clip_med.training.optim import OptimConfig
 @dataclass
 class DataConfig:
     train_split: str = "train"
+    # Shards written elsewhere, read instead of sharding the source: a local path, a brace
+    # pattern (shards/roco/train-{000000..000031}.tar), an http(s):// URL, a <split>.manifest.json
+    # URL or a pipe: command; the manifest must sit next to the shards. eval_shards: the held-out split.
+    train_shards: Optional[str] = None
+    eval_shards: Optional[str] = None
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -30,7 +35,17 @@ class TrainerConfig:
     # auto: bf16 autocast on CUDA, fp32 on CPU. Also fp32 | bf16 | fp16 (fp16 uses a grad scaler).
     precision: str = "auto"
     dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+    # How long a process waits for the others at a collective (e.g. while rank 0 writes shards).
+    dist_timeout_minutes: float = 30
+    # Gradient accumulation keeping the full contrastive batch (open_clip's accum_freq): one
+    # optimizer step covers accum_freq batches per process, whose features all meet in one loss.
+    accum_freq: int = 1
+    # DDP options: SyncBatchNorm for BatchNorm towers (CUDA only), DDP's static_graph optimisation.
+    sync_batchnorm: bool = False
+    ddp_static_graph: bool = False
     checkpoint_every_steps: int = 100
+    # Also checkpoint when this many minutes passed since the last one (None: by steps only).
+    checkpoint_every_minutes: Optional[float] = None
     keep_checkpoints: int = 3
     log_every_steps: int = 10
     # Abort after this many consecutive steps with a non-finite loss (each one is skipped).

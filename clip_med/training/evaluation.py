@@ -63,6 +63,6 @@ def _evaluate(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, info: 
     train = embed_split(bundle.model, shard_set.urls(cfg.data.train_split),
                         description=f"embed {cfg.data.train_split}", **common)
     report = evaluate_embeddings(bundle.model, bundle.tokenizer, info.device, held_out, train, cfg.eval)
-    report.update({"split": split, "train_split": cfg.data.train_split, "source": cfg.source.name,
+    report.update({"split": split, "train_split": cfg.data.train_split, "source": shard_set.source,
                    "model": bundle.name, "step": step, "read_errors": held_out.errors})
     return report

@@ -38,9 +38,15 @@ class MetricsLogger:
         """Forget lines past ``step`` (written after the checkpoint a resumed run starts from)."""
         if not self.enabled or not self.path.is_file():
             return
-        with open(self.path, encoding="utf-8") as handle:
-            lines = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(lines), encoding="utf-8")
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                record = _parse(line)
+                if record is not None and record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -53,9 +59,20 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """One metrics line, or None for a blank one or one cut short by a killed process."""
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        log.warning("ignoring an incomplete line in metrics.jsonl (written when a run was killed): %.80s", line)
+        return None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return [record for line in handle if (record := _parse(line)) is not None]

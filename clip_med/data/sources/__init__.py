@@ -42,7 +42,7 @@ class SourceSpec:
 
 
 SOURCES: dict[str, SourceSpec] = {}
-_BUILTIN_MODULES = ("synthetic", "medpix")
+_BUILTIN_MODULES = ("synthetic", "medpix", "roco", "pmc_oa", "generic", "dicom")
 
 
 def register_source(name: str, config_class: type) -> Callable[[Reader], Reader]:

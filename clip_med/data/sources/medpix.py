@@ -28,7 +28,7 @@ from clip_med.data.text import clean_caption, render_text
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "{modality} image of the {anatomy}, {plane}. {modality_detail}. {caption}"
+DEFAULT_TEMPLATE = "{modality} image of the {anatomy} ({location}), {plane}. {modality_detail}. {caption}"
 DOWNLOAD_HELP = (
     "MedPix 2.0 is published at https://github.com/CHILab1/MedPix-2.0 (folder MedPix-2-0). "
     "Clone it (git lfs pull for the images), then point clip_med at the folder that holds "

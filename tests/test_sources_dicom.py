@@ -1,0 +1,132 @@
+"""DICOM: pydicom's bundled CT, MR, US and NM files shard into valid images with the right labels."""
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.pixels import pixel_array
+
+from clip_med.data.dicom import apply_window, dicom_tags, read_dicom_file
+from clip_med.data.images import ImageLimits, ImageRejected
+from clip_med.data.record import SkipReason
+from clip_med.data.shardset import ShardCommandConfig, shard_source
+from clip_med.data.sources.dicom import DicomSourceConfig
+from clip_med.data.writer import ShardConfig
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+DECODABLE = {  # file -> modality label
+    "CT_small.dcm": "ct", "693_J2KI.dcm": "ct", "J2K_pixelrep_mismatch.dcm": "ct",
+    "MR_small.dcm": "mr", "MR_small_RLE.dcm": "mr", "MR_small_jpeg_ls_lossless.dcm": "mr",
+    "MR_small_jp2klossless.dcm": "mr", "examples_overlay.dcm": "mr",
+    "examples_rgb_color.dcm": "ultrasound", "examples_palette.dcm": "ultrasound",
+    "examples_ybr_color.dcm": "ultrasound", "examples_jpeg2k.dcm": "ultrasound", "ExplVR_BigEnd.dcm": "ultrasound",
+    "JPGExtended.dcm": "nuclear_medicine", "JPEG2000.dcm": "nuclear_medicine",
+    "dicomdirtests/77654033/CR1/6154": "xray",
+}
+REJECTED = {
+    "MR_truncated.dcm": SkipReason.UNDECODABLE_DICOM,  # pixel data cut short
+    "JPEG-lossy.dcm": SkipReason.UNDECODABLE_DICOM,  # no installed plugin can decode this 12-bit stream
+    "JPEG2000-embedded-sequence-delimiter.dcm": SkipReason.UNDECODABLE_DICOM,
+    "dicomdirtests/TINY_ALPHA/PT000000/ST000000/SE000000/IM000000": SkipReason.NO_PIXEL_DATA,  # CT, no pixels
+    "rtplan.dcm": SkipReason.NOT_AN_IMAGE,  # RTPLAN: a non-image modality
+    "reportsi.dcm": SkipReason.NOT_AN_IMAGE,  # SR: a non-image modality
+    "liver_1frame.dcm": SkipReason.NOT_AN_IMAGE,  # SEG
+    "no_meta.dcm": SkipReason.NOT_AN_IMAGE,  # no DICOM preamble
+}
+
+
+def _copy(names, folder: Path) -> None:
+    for name in names:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(TEST_FILES / name, target)
+
+
+def _written(out: Path) -> dict[str, tuple[dict, Image.Image]]:
+    samples: dict[str, dict] = {}
+    for shard in sorted(out.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {json.loads(s["json"])["id"]: (json.loads(s["json"]), Image.open(io.BytesIO(s["png"]))) for s in
+            samples.values()}
+
+
+def test_bundled_files_shard_with_modality_labels(tmp_path):
+    root = tmp_path / "export"
+    _copy([*DECODABLE, *REJECTED], root)
+    (root / "README.txt").write_text("not picked up: wrong extension")
+    cfg = ShardCommandConfig(source=DicomSourceConfig(root=str(root), progress=False), out=str(tmp_path / "out"),
+                             shards=ShardConfig(workers=0, progress=False, dedup=False))
+    manifest = shard_source(cfg).manifests["train"]
+    written = _written(tmp_path / "out")
+    assert set(written) == {str(Path(name).with_suffix("")) for name in DECODABLE}
+    for name, modality in DECODABLE.items():
+        meta, image = written[str(Path(name).with_suffix(""))]
+        header = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True)
+        assert meta["labels"]["modality"] == modality, name
+        assert image.size == (int(header.Columns), int(header.Rows)), name
+        assert image.mode in ("L", "RGB") and np.asarray(image).std() > 0, name
+    assert {Path(item.image).relative_to(root).as_posix(): item.reason for item in manifest.skipped} == REJECTED
+    assert "Unable to decode" in next(i.detail for i in manifest.skipped if i.image.endswith("JPEG-lossy.dcm"))
+    assert manifest.written_count + len(manifest.skipped) == manifest.input_count == len(DECODABLE) + len(REJECTED)
+    assert written["dicomdirtests/77654033/CR1/6154"][0]["labels"]["anatomy"] == "spine_msk"  # BodyPart CSPINE
+    assert written["J2K_pixelrep_mismatch"][0]["labels"]["anatomy"] == "head"
+    assert written["J2K_pixelrep_mismatch"][0]["caption"].startswith("CT image of the head.")
+    assert written["dicomdirtests/77654033/CR1/6154"][0]["caption"].startswith("X-ray image of the spine")
+    assert written["MR_small"][0]["caption"] == "MRI image."
+
+
+def test_text_and_tags_never_hold_patient_identifiers(tmp_path):
+    _copy(["CT_small.dcm"], tmp_path)
+    info = dicom_tags(tmp_path / "CT_small.dcm")
+    header = pydicom.dcmread(tmp_path / "CT_small.dcm", stop_before_pixels=True)
+    assert info.modality == "CT" and info.patient_key and info.patient_key != header.PatientID
+    assert str(header.PatientName) not in json.dumps(info.text_fields())
+
+
+def _modified(tmp_path: Path, name: str, **tags) -> str:
+    ds = pydicom.dcmread(TEST_FILES / name)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"modified_{Path(name).name}"
+    ds.save_as(path)
+    return str(path)
+
+
+def test_rescale_then_window_follow_the_standard(tmp_path):
+    path = _modified(tmp_path, "CT_small.dcm", WindowCenter=40, WindowWidth=400)
+    image, _ = read_dicom_file(path, ImageLimits(), None)
+    ds = pydicom.dcmread(path)
+    hounsfield = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = np.round(np.clip((hounsfield - 39.5) / 399 + 0.5, 0, 1) * 255)
+    assert np.array_equal(np.asarray(image), expected.astype(np.uint8))
+    assert apply_window(np.array([-1000.0, 39.5, 1000.0]), 40, 400).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    name = "dicomdirtests/77654033/CR1/6154"
+    as_stored, _ = read_dicom_file(str(TEST_FILES / name), ImageLimits(), None)
+    flipped_path = _modified(tmp_path, name, PhotometricInterpretation="MONOCHROME2")
+    flipped, _ = read_dicom_file(flipped_path, ImageLimits(), None)
+    assert np.array_equal(np.asarray(as_stored).astype(int), 255 - np.asarray(flipped).astype(int))
+
+
+def test_multi_frame_gives_the_middle_frame():
+    image, _ = read_dicom_file(str(TEST_FILES / "examples_ybr_color.dcm"), ImageLimits(), None)
+    middle = pixel_array(str(TEST_FILES / "examples_ybr_color.dcm"), index=15)
+    assert np.array_equal(np.asarray(image), middle)
+
+
+def test_size_guard_runs_before_decoding(tmp_path):
+    path = _modified(tmp_path, "CT_small.dcm", Rows=30000, Columns=30000)
+    with pytest.raises(ImageRejected) as caught:
+        read_dicom_file(path, ImageLimits(), None)
+    assert caught.value.reason == SkipReason.TOO_MANY_PIXELS and "30000x30000" in caught.value.detail
