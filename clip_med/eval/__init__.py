@@ -1,0 +1,1 @@
+"""Evaluation: embeddings, zero-shot, linear probes, retrieval, metrics and reports."""

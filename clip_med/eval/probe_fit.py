@@ -1,0 +1,118 @@
+"""``python -m clip_med.probe``: fit linear-probe heads on frozen embeddings and save them.
+
+For each task, a logistic regression is fitted on the image embeddings of the training split;
+its regularisation ``C`` is chosen on the validation folds of a cross-validation over that split
+(grouped by case, so images of one case never sit on both sides), then the head is refitted on
+the whole split, scored on the evaluation split (accuracy, balanced accuracy, macro-F1, AUROC,
+confusion matrix, per class) and saved as ``<out>/<task>.safetensors``. ``clip_med.load(ckpt)
+.classify(images, head="<out>/modality.safetensors")`` uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from clip_med.data.manifest import write_json_atomic
+from clip_med.data.writer import ShardConfig
+from clip_med.eval.checkpoint_eval import ModelOptions, embed_data_split
+from clip_med.eval.datasets import EvalData, eval_shard_config, open_data
+from clip_med.eval.embeddings import Embedded
+from clip_med.eval.evaluator import EvalConfig, task_labels
+from clip_med.eval.linear_probe import DEFAULT_CS, fit_probe
+from clip_med.eval.metrics import classification_metrics
+from clip_med.eval.probe_head import ProbeHead
+from clip_med.eval.report import classification_table, plot_confusion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeConfig(ModelOptions):
+    data: Any = None  # data=<source> (+ data.root, data.split, data.train_split) or data=shards data.dir=...
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    pixels_from_checkpoint: bool = True
+    tasks: list[str] = field(default_factory=lambda: ["modality", "anatomy"])
+    Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))
+    folds: int = 5
+    max_iter: int = 2000
+    batch_size: int = 128
+    workers: int = 2
+    out: Optional[str] = None  # where heads and probe_report.{json,md} go
+    progress: bool = True
+
+
+def _known(embedded: Embedded, task: str, classes: list[str]) -> np.ndarray:
+    allowed = set(classes)
+    return np.array([label in allowed for label in embedded.labels[task]], dtype=bool)
+
+
+def fit_head(model, task: str, train: Embedded, held_out: Embedded, cfg: ProbeConfig,
+             info: dict[str, Any]) -> tuple[ProbeHead, dict[str, Any]]:
+    classes = task_labels(train.labels[task])
+    if len(classes) < 2:
+        raise ValueError(f"task {task}: the training split has fewer than two labelled classes ({classes})")
+    keep = _known(train, task, classes)
+    fitted = fit_probe(train.image[keep], [label for label, kept in zip(train.labels[task], keep) if kept],
+                       groups=[group for group, kept in zip(train.groups, keep) if kept], Cs=cfg.Cs,
+                       folds=cfg.folds, max_iter=cfg.max_iter)
+    head = ProbeHead.from_fitted(fitted, task, model.fingerprint, model.name)
+    test_keep = _known(held_out, task, classes)
+    y_true = [label for label, kept in zip(held_out.labels[task], test_keep) if kept]
+    metrics = {**classification_metrics(y_true, head.predict_proba(held_out.image[test_keep]), head.labels),
+               "C": fitted.C, "cv_balanced_accuracy": fitted.cv_balanced_accuracy, "n_train": int(keep.sum()),
+               "excluded_unlabelled": int((~test_keep).sum())}
+    head.info = {**info, "metrics": {key: metrics[key] for key in ("n", "accuracy", "balanced_accuracy", "macro_f1",
+                                                                    "auroc", "cv_balanced_accuracy", "n_train")}}
+    return head, metrics
+
+
+def probe_model(model, data: EvalData, cfg: ProbeConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Fit, score and save one head per task; returns the probe report."""
+    if data.train_split is None:
+        raise ValueError(f"{data.source} has no training split to fit a probe on (set data.train_split)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    embed_cfg = EvalConfig(tasks=list(cfg.tasks), batch_size=cfg.batch_size, workers=cfg.workers)
+    train = embed_data_split(model, data, data.train_split, embed_cfg, cfg.progress)
+    held_out = embed_data_split(model, data, data.split, embed_cfg, cfg.progress)
+    info = {"checkpoint": str(model.info.path), "step": model.info.step, "source": data.source,
+            "train_split": data.train_split, "eval_split": data.split}
+    report: dict[str, Any] = {**info, "model": model.name, "split": data.split, "linear_probe": {}, "heads": {}}
+    for task in cfg.tasks:
+        head, metrics = fit_head(model, task, train, held_out, cfg, info)
+        report["linear_probe"][task] = metrics
+        report["heads"][task] = str(head.save(out_dir / f"{task}.safetensors"))
+        plot_confusion(metrics, f"linear probe: {task} ({data.split})", out_dir / f"confusion_linear_probe_{task}.png")
+    write_json_atomic(out_dir / "probe_report.json", report)
+    (out_dir / "probe_report.md").write_text(render_probe_markdown(report), encoding="utf-8")
+    return report
+
+
+def render_probe_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Linear probes: fitted on `{report['train_split']}`, scored on `{report['split']}`", "",
+             f"- checkpoint: `{report['checkpoint']}`", f"- source: `{report['source']}`", "",
+             *classification_table(report), "", "| task | C | CV balanced acc. | n train | head |",
+             "|---|---|---|---|---|"]
+    for task, metrics in report["linear_probe"].items():
+        cv = metrics["cv_balanced_accuracy"]
+        lines.append(f"| {task} | {metrics['C']} | {'–' if cv is None else f'{cv:.3f}'} | {metrics['n_train']} "
+                     f"| `{report['heads'][task]}` |")
+    for task in report["linear_probe"]:
+        lines += ["", f"![confusion matrix](confusion_linear_probe_{task}.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def probe_checkpoint(cfg: ProbeConfig) -> dict[str, Any]:
+    from clip_med.inference.model import load
+
+    if cfg.data is None:
+        raise ValueError("choose the data: data=<source> (e.g. data=medpix data.root=...) or data=shards data.dir=...")
+    model = load(cfg.checkpoint, cfg.model_name, cfg.device)
+    pixels = model.preprocessing.shard_options() if cfg.pixels_from_checkpoint else None
+    data = open_data(cfg.data, eval_shard_config(cfg.shards, pixels))
+    return probe_model(model, data, cfg, cfg.out or Path("heads") / data.source)

@@ -1,0 +1,217 @@
+"""Reading a checkpoint for inference: clip_med's own format or a plain open_clip state dict.
+
+clip_med checkpoints (``checkpoints/step-NNNNNNNN.pt`` from the trainer) carry the architecture
+name, its open_clip config and the training config, so nothing has to be named by hand. A plain
+open_clip state dict (``.pt``/``.bin``/``.safetensors``, or open_clip_train's ``{"state_dict":
+...}``) needs the architecture: ``load(path, model_name="ViT-B-16")``. Files are read with
+``weights_only=True`` or safetensors; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from clip_med.data.images import ImageLimits
+from clip_med.losses import LossConfig, model_kwargs_for
+from clip_med.models import ModelBundle, ModelConfig, create_model, model_config
+
+log = logging.getLogger(__name__)
+
+# The shard writer's options that change the pixels a model sees (see ShardConfig).
+PIXEL_OPTIONS = ("max_side", "image_format", "jpeg_quality", "min_side", "max_pixels", "max_file_bytes")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason and what to do about it."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the shard writer did to an image before training saw it; inference repeats it.
+
+    ``max_side`` shrinks the longer side (LANCZOS), ``image_format`` is the encoding in the
+    shards (a lossy ``jpeg`` is reproduced by a JPEG round trip), ``limits`` the size guards.
+    """
+
+    max_side: int | None = None
+    image_format: str = "png"
+    jpeg_quality: int = 95
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    @classmethod
+    def from_shard_options(cls, options: dict[str, Any] | None) -> Preprocessing:
+        options = options or {}
+        defaults = ImageLimits()
+        return cls(
+            max_side=options.get("max_side"),
+            image_format=options.get("image_format", "png"),
+            jpeg_quality=int(options.get("jpeg_quality", 95)),
+            limits=ImageLimits(
+                min_side=int(options.get("min_side", defaults.min_side)),
+                max_pixels=int(options.get("max_pixels", defaults.max_pixels)),
+                max_file_bytes=int(options.get("max_file_bytes", defaults.max_file_bytes)),
+            ),
+        )
+
+    def shard_options(self) -> dict[str, Any]:
+        return {"max_side": self.max_side, "image_format": self.image_format, "jpeg_quality": self.jpeg_quality,
+                "min_side": self.limits.min_side, "max_pixels": self.limits.max_pixels,
+                "max_file_bytes": self.limits.max_file_bytes}
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    format: str  # "clip_med" | "open_clip"
+    model_name: str
+    step: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the training config ({} for open_clip files)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The training run folder (``<run>/checkpoints/step-*.pt``), when the layout says so."""
+        if self.format == "clip_med" and self.path.parent.name == "checkpoints":
+            return self.path.parent.parent
+        return None
+
+
+def read_weights_file(path: Path) -> Any:
+    """The file's contents, loaded safely; raises :class:`CheckpointError` with a readable reason."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (give the path of a .pt or .safetensors file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects other than tensors and plain containers; clip_med only "
+            f"loads with weights_only=True and will not unpickle it ({str(exc).splitlines()[0]}). Re-save its "
+            "state dict (torch.save(model.state_dict(), path)) or convert it to safetensors."
+        ) from None
+    except (RuntimeError, KeyError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file ({type(exc).__name__}: "
+                              f"{exc})") from None
+
+
+def _is_clip_med(payload: Any) -> bool:
+    return isinstance(payload, dict) and "state_dict" in payload and "model_name" in payload
+
+
+def _model_config_from(payload: dict[str, Any], model_name: str | None) -> ModelConfig:
+    trained = (payload.get("config") or {}).get("model") or {}
+    name = payload["model_name"]
+    if model_name and model_name != name:
+        raise CheckpointError(f"model_name={model_name!r} was given but the checkpoint holds a {name!r} model")
+    return ModelConfig(name=name, image_size=trained.get("image_size"), context_length=trained.get("context_length"))
+
+
+def _check_model_cfg(expected: dict[str, Any], stored: dict[str, Any] | None, path: Path) -> None:
+    if stored is None or stored == expected:
+        return
+    differing = sorted(key for key in set(expected) | set(stored) if expected.get(key) != stored.get(key))
+    raise CheckpointError(
+        f"checkpoint {path} was trained with a different architecture config than open_clip now gives for "
+        f"this name (differs in: {', '.join(differing)}). Checkpoint: {stored}; now: {expected}. Restore the "
+        "model's JSON config the checkpoint was trained with."
+    )
+
+
+def _loss_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    loss_name = ((config.get("loss") or {}).get("name")) or "clip"
+    return model_kwargs_for(LossConfig(name=loss_name))
+
+
+class _WeightsFollow(logging.Filter):
+    """open_clip warns that a model without ``pretrained=`` is randomly initialised; here weights follow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _weights_follow():
+    root, quiet = logging.getLogger(), _WeightsFollow()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def load_bundle(checkpoint: str | Path, model_name: str | None = None, image_size: int | None = None,
+                context_length: int | None = None, device: torch.device | str = "cpu") -> tuple[ModelBundle,
+                                                                                                 CheckpointInfo]:
+    """Recreate the model of ``checkpoint`` with its weights, in eval mode."""
+    path = Path(checkpoint).expanduser()
+    payload = read_weights_file(path)
+    if _is_clip_med(payload):
+        cfg = _model_config_from(payload, model_name)
+        config = payload.get("config") or {}
+        with _weights_follow():
+            bundle = create_model(cfg, device, **_loss_kwargs(config))
+        _check_model_cfg(bundle.model_cfg, payload.get("model_cfg"), path)
+        try:
+            bundle.model.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit {cfg.name}: {str(exc)[:500]}") from None
+        step = (payload.get("train_state") or {}).get("step")
+        info = CheckpointInfo(path, "clip_med", cfg.name, step, config)
+    else:
+        if not model_name:
+            raise CheckpointError(
+                f"{path} is a plain state dict without an architecture name: name it, e.g. "
+                f"clip_med.load({str(path)!r}, model_name='ViT-B-16') or model_name=... on the command line"
+            )
+        del payload
+        cfg = ModelConfig(name=model_name, image_size=image_size, context_length=context_length)
+        with _weights_follow():
+            bundle = create_model(cfg, device)
+        try:
+            open_clip.load_checkpoint(bundle.model, str(path), weights_only=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not fit open_clip model {model_name}: {str(exc)[:500]}") from None
+        info = CheckpointInfo(path, "open_clip", model_name)
+    bundle.model.eval()
+    log.info("loaded %s (%s, %s format%s)", path, info.model_name, info.format,
+             f", step {info.step}" if info.step is not None else "")
+    return bundle, info
+
+
+def expected_model_cfg(name: str, image_size: int | None = None, context_length: int | None = None) -> dict:
+    return model_config(ModelConfig(name=name, image_size=image_size, context_length=context_length))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A SHA-256 over the model's parameters and buffers (names, shapes, dtypes, bytes).
+
+    Heads and extracted embeddings record it so that they are never mixed with another model's
+    embedding space.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shard_preprocessing(info: CheckpointInfo) -> Preprocessing:
+    """The shard options of the training run (defaults for open_clip checkpoints)."""
+    shards = info.config.get("shards") or {}
+    return Preprocessing.from_shard_options({key: shards[key] for key in PIXEL_OPTIONS if key in shards})
