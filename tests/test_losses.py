@@ -33,3 +33,12 @@ def test_siglip_needs_a_bias_and_unknown_losses_are_refused():
     assert model_kwargs_for(LossConfig("clip")) == {}
     with pytest.raises(ValueError, match="clip, siglip"):
         create_loss(LossConfig("triplet"))
+
+
+def test_distributed_clip_defaults_give_global_batch_gradients_and_the_other_settings_warn(caplog):
+    cfg = LossConfig("clip")
+    assert cfg.local_loss and cfg.gather_with_grad  # exact global-batch gradients (tests/test_distributed.py)
+    loss = create_loss(cfg, rank=0, world_size=2)
+    assert loss.local_loss and loss.gather_with_grad and loss.world_size == 2
+    create_loss(LossConfig("clip", local_loss=False, gather_with_grad=False), rank=0, world_size=2)
+    assert any("1/2 of it" in record.getMessage() for record in caplog.records)

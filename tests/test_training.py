@@ -109,3 +109,37 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         save_checkpoint({"x": torch.ones(2)}, tmp_path, 2, keep_last=3)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001.pt"]
     assert torch.equal(load_checkpoint(tmp_path / "checkpoints" / "step-00000001.pt")["x"], torch.ones(2))
+
+
+def _weights(cfg):
+    return load_checkpoint(latest_checkpoint(cfg.run_dir))["state_dict"]
+
+
+def test_locked_image_tower_stays_fixed_while_the_text_tower_learns(tmp_path):
+    from clip_med.models import create_model
+
+    cfg = tiny_train_config(tmp_path)
+    cfg.model.lock_image = True
+    cfg.trainer.max_steps = 4
+    torch.manual_seed(cfg.seed)
+    initial = create_model(cfg.model).model.state_dict()  # train() builds the same model from the same seed
+    train(cfg)
+    after = _weights(cfg)
+    # open_clip locks a timm tower's trunk; its projection head stays trainable (as in open_clip_train).
+    visual = [name for name in initial if name.startswith("visual.trunk.")]
+    text = [name for name in initial if name.startswith(("transformer.", "token_embedding"))]
+    assert visual and text
+    assert all(torch.equal(initial[name], after[name]) for name in visual)  # weights and BatchNorm statistics
+    assert any(not torch.equal(initial[name], after[name]) for name in text)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_as_eager(tmp_path):
+    eager = tiny_train_config(tmp_path / "eager")
+    eager.trainer.max_steps = 3
+    train(eager)
+    compiled = tiny_train_config(tmp_path / "compiled")
+    compiled.trainer.max_steps = 3
+    compiled.model.torch_compile = True
+    train(compiled)
+    assert _losses(compiled.run_dir) == pytest.approx(_losses(eager.run_dir), abs=1e-3)

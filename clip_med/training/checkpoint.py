@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -45,25 +46,74 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(payload: dict[str, Any], run_dir: str | Path, step: int, keep_last: int) -> Path:
+    """Write ``payload`` atomically as ``checkpoints/step-<step>.pt``, then prune to the last ``keep_last``."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
     final = folder / f"step-{step:08d}.pt"
     tmp = folder / f".step-{step:08d}.pt.tmp"
+    sink = None
     try:
         with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
+            sink = _Sink(handle)
+            torch.save(payload, sink)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, final)
+        _fsync_dir(folder)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         previous = latest_checkpoint(run_dir)
+        cause = sink.error if sink is not None and sink.error is not None else exc
         raise RuntimeError(
-            f"could not write checkpoint {final} ({exc}). Free disk space or move the run directory; "
+            f"could not write checkpoint {final} ({cause}). Free disk space or move the run directory; "
             f"the previous checkpoint {previous or '(none)'} is intact."
-        ) from exc
+        ) from cause
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+class _Sink:
+    """The file torch.save writes to, keeping the OS error (disk full, file too large) that torch's
+    writer would otherwise report only as an "unexpected pos" failure."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Half-written files left by a process killed while writing (never a complete checkpoint)."""
+    for stale in folder.glob(".step-*.pt.tmp"):
+        log.warning("removing %s, left by an interrupted checkpoint write", stale)
+        stale.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        log.debug("fsync of %s not supported", folder)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -93,7 +143,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """Resolve ``resume`` (``latest`` or a path) to a loadable checkpoint.
+    """Resolve ``resume`` (``latest``, a checkpoint file or a run folder) to a loadable checkpoint.
 
     ``latest`` looks in this run's folder, then in sibling run folders (Hydra gives each
     invocation its own folder under ``runs/<run_name>/``), most recently written first, and skips a file
@@ -101,8 +151,10 @@ def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict
     """
     if resume != "latest":
         path = Path(resume)
+        if path.is_dir():  # a run folder: its newest readable checkpoint
+            return _newest_readable(list_checkpoints(path))
         if not path.is_file():
-            raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint file or run folder")
         return path, load_checkpoint(path)
     run_dir = Path(run_dir)
     candidates = list_checkpoints(run_dir)
@@ -110,9 +162,13 @@ def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict
         siblings = [sibling for sibling in run_dir.parent.iterdir() if sibling.is_dir() and sibling != run_dir]
         candidates = sorted((path for sibling in siblings for path in list_checkpoints(sibling)),
                             key=lambda path: path.stat().st_mtime)
+    return _newest_readable(candidates)
+
+
+def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
     for path in reversed(candidates):
         try:
             return path, load_checkpoint(path)
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
             log.warning("checkpoint %s cannot be read (%s); trying an older one", path, exc)
     return None

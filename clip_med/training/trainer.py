@@ -1,14 +1,22 @@
-"""``train(cfg)``: shards -> streamed CLIP training -> checkpoints -> held-out report."""
+"""``train(cfg)``: shards -> streamed CLIP training -> checkpoints -> held-out report.
+
+One process, or one per GPU under ``torchrun`` (DDP; the contrastive loss sees the global
+batch). Every rank takes the same step-level decisions (skip a non-finite step, end an epoch
+whose data ran short, stop on SIGTERM, write a checkpoint) through one small CPU all-reduce
+per step; only rank 0 writes checkpoints, metrics and the report.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-import math
 import random
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,30 +28,38 @@ from tqdm.auto import tqdm
 from clip_med.data.loader import create_train_loader, effective_workers, steps_per_epoch
 from clip_med.data.shardset import ShardSet, open_shard_set, prepare_shards
 from clip_med.data.transforms import create_transform
-from clip_med.losses import create_loss, model_kwargs_for, total_loss
+from clip_med.losses import create_loss, model_kwargs_for
 from clip_med.models import ModelBundle, count_parameters, create_model
 from clip_med.training import distributed
-from clip_med.training.checkpoint import find_resume_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from clip_med.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from clip_med.training.config import TrainConfig
 from clip_med.training.evaluation import evaluate_run
 from clip_med.training.metrics_log import MetricsLogger
 from clip_med.training.optim import create_optimizer, create_scheduler
+from clip_med.training.state import (
+    EpochProgress,
+    TrainState,
+    checkpoint_payload,
+    epoch_errors_total,
+    gather_into_state,
+    restore_train_state,
+)
+from clip_med.training.step import (
+    StepParts,
+    apply_update,
+    autocast,  # noqa: F401  (re-exported: older code imports it from here)
+    create_grad_scaler,
+    finite_flag,
+    forward_backward,
+    resolve_precision,
+    skip_update,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainState:
-    """Everything besides weights and optimizer that a step-exact resume needs."""
-
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0
-    # Per rank, per loader worker: batches of the current epoch already trained on.
-    batches_done: dict[int, dict[int, int]] = field(default_factory=dict)
-    data_errors: dict[str, int] = field(default_factory=dict)
-    nonfinite_skipped: int = 0
-    samples_seen: int = 0
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT/SIGUSR1 arrived: a checkpoint was written and the run stopped."""
 
 
 @dataclass
@@ -69,7 +85,14 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_data(cfg: TrainConfig, info: distributed.DistInfo) -> ShardSet:
-    """Rank 0 writes (or reuses) the shards; the other ranks wait and read the manifests."""
+    """Rank 0 writes (or reuses) the shards; the other ranks wait and read the manifests.
+
+    With ``data.train_shards`` (a path, brace pattern, http(s) URL or pipe: command), shards
+    written elsewhere are read as they are, with their manifests, and no source is read."""
+    if cfg.data.train_shards:
+        from clip_med.data.shardset import open_shard_lists
+
+        return open_shard_lists(cfg.data.train_shards, cfg.data.eval_shards, cfg.data.train_split)
     if cfg.source is None:
         raise ValueError("no data source configured: choose one with source=<name> (see conf/source/)")
     if info.is_main:
@@ -83,10 +106,12 @@ def prepare_data(cfg: TrainConfig, info: distributed.DistInfo) -> ShardSet:
 def plan_epochs(cfg: TrainConfig, shard_set: ShardSet, info: distributed.DistInfo) -> EpochPlan:
     split = cfg.data.train_split
     urls, counts = shard_set.urls(split), shard_set.shard_counts(split)
-    loader = cfg.data.loader
+    loader, accum = cfg.data.loader, cfg.trainer.accum_freq
+    if accum < 1:
+        raise ValueError(f"trainer.accum_freq={accum}: it must be 1 (no accumulation) or more")
     workers = effective_workers(len(urls), info.world_size, loader.workers)
     steps = [steps_per_epoch(counts, urls, epoch, cfg.seed, True, info.world_size, workers, loader.batch_size)
-             for epoch in range(cfg.trainer.epochs)]
+             // accum for epoch in range(cfg.trainer.epochs)]
     if cfg.trainer.max_steps is not None:
         remaining, capped = cfg.trainer.max_steps, []
         for count in steps:
@@ -95,82 +120,21 @@ def plan_epochs(cfg: TrainConfig, shard_set: ShardSet, info: distributed.DistInf
         steps = capped
     if not sum(steps):
         raise ValueError(
-            f"split {split!r} has {sum(counts.values())} samples: not one full batch of "
-            f"{loader.batch_size} per process and worker. Lower data.loader.batch_size or data.loader.workers."
+            f"split {split!r} has {sum(counts.values())} samples: not one full step of {accum} batch(es) of "
+            f"{loader.batch_size} per process and worker. Lower data.loader.batch_size, data.loader.workers or "
+            "trainer.accum_freq."
         )
     return EpochPlan(urls, counts, workers, steps)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if requested in ("bf16", "fp16") and device.type != "cuda":
-        log.warning("precision=%s asked for on %s: training in fp32", requested, device)
-        return "fp32"
-    if requested not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {requested!r}: use auto, fp32, bf16 or fp16")
-    return requested
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def data_layout(cfg: TrainConfig, plan: EpochPlan, info: distributed.DistInfo) -> dict[str, int]:
+    """What a saved data position depends on; a resume under a different layout restarts the epoch."""
+    return {"world_size": info.world_size, "workers": plan.workers, "batch_size": cfg.data.loader.batch_size,
+            "accum_freq": cfg.trainer.accum_freq}
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _payload(cfg: TrainConfig, bundle: ModelBundle, optimizer, scaler, state: TrainState, plan: EpochPlan,
-             info: distributed.DistInfo) -> dict[str, Any]:
-    return {
-        "state_dict": _unwrap(bundle.model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "train_state": dataclasses.asdict(state),
-        "rng": rng_state(),
-        "model_name": bundle.name,
-        "model_cfg": bundle.model_cfg,
-        "config": dataclasses.asdict(cfg),
-        "world_size": info.world_size,
-        "workers": plan.workers,
-    }
-
-
-def _gather_positions(state: TrainState, info: distributed.DistInfo, local: dict[int, int]) -> None:
-    if not info.distributed:
-        state.batches_done = {0: dict(local)}
-        return
-    gathered = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, dict(local))
-    state.batches_done = {rank: positions for rank, positions in enumerate(gathered)}
-
-
-def _restore(checkpoint: dict[str, Any], bundle: ModelBundle, optimizer, scaler, plan: EpochPlan,
-             info: distributed.DistInfo) -> TrainState:
-    bundle.model.load_state_dict(checkpoint["state_dict"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng_state(checkpoint["rng"])
-    state = TrainState(**checkpoint["train_state"])
-    state.batches_done = {int(rank): {int(w): n for w, n in pos.items()} for rank, pos in state.batches_done.items()}
-    if (checkpoint.get("world_size"), checkpoint.get("workers")) != (info.world_size, plan.workers):
-        log.warning("checkpoint was written with %s processes x %s workers, now %s x %s: the rest of epoch %d "
-                    "restarts from its beginning", checkpoint.get("world_size"), checkpoint.get("workers"),
-                    info.world_size, plan.workers, state.epoch)
-        state.step -= state.epoch_step
-        state.epoch_step, state.batches_done = 0, {}
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
+# The run
 
 
 @dataclass
@@ -178,135 +142,160 @@ class _Run:
     cfg: TrainConfig
     info: distributed.DistInfo
     bundle: ModelBundle
-    model: torch.nn.Module
-    loss_fn: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    parts: StepParts
     scheduler: Any
-    scaler: Any
-    precision: str
     plan: EpochPlan
     state: TrainState
     run_dir: Path
     logger: MetricsLogger
     train_transform: Any
+    stop: threading.Event
+    last_checkpoint_time: float = 0.0
+    nonfinite_in_row: int = 0
 
 
-def _train_step(run: _Run, batch: dict) -> float | None:
-    """One optimizer step; returns the loss, or None when it was not finite (step skipped)."""
-    device = run.info.device
-    images = batch["images"].to(device, non_blocking=True)
-    texts = batch["texts"].to(device, non_blocking=True)
-    run.optimizer.zero_grad(set_to_none=True)
-    with autocast(run.precision, device):
-        terms = run.loss_fn(**run.model(images, texts), output_dict=True)
-        loss = total_loss(terms)
-    finite = torch.isfinite(loss.detach()).float()
-    if run.info.distributed:
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if finite.item() < 1:
-        return None
-    if run.scaler is not None:
-        run.scaler.scale(loss).backward()
-        run.scaler.unscale_(run.optimizer)
-    else:
-        loss.backward()
-    if run.cfg.optim.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip_norm)
-    if run.scaler is not None:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    with torch.no_grad():
-        _unwrap(run.model).logit_scale.clamp_(0, math.log(100))
-    return float(loss.detach())
-
-
-def _checkpoint(run: _Run, local_positions: dict[int, int]) -> None:
-    _gather_positions(run.state, run.info, local_positions)
+def _checkpoint(run: _Run, progress: EpochProgress | None) -> None:
+    """Rank 0 writes; every rank learns whether it worked (a failed write stops them all)."""
+    rngs = gather_into_state(run.state, progress, run.info)
+    error = None
     if run.info.is_main:
-        path = save_checkpoint(_payload(run.cfg, run.bundle, run.optimizer, run.scaler, run.state, run.plan,
-                                        run.info), run.run_dir, run.state.step, run.cfg.trainer.keep_checkpoints)
-        log.debug("checkpoint %s", path)
-    distributed.barrier(run.info)
+        meta = {"model_name": run.bundle.name, "model_cfg": run.bundle.model_cfg,
+                "config": dataclasses.asdict(run.cfg), **data_layout(run.cfg, run.plan, run.info)}
+        payload = checkpoint_payload(run.parts.raw, run.parts.optimizer, run.parts.scaler, run.state, rngs, meta)
+        try:
+            path = save_checkpoint(payload, run.run_dir, run.state.step, run.cfg.trainer.keep_checkpoints)
+            log.debug("checkpoint %s", path)
+        except RuntimeError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error, run.info)
+    run.last_checkpoint_time = time.monotonic()
+    if error:
+        raise RuntimeError(error if run.info.is_main else f"rank 0 could not write a checkpoint: {error}")
 
 
-def _handle_nonfinite(run: _Run, in_row: int) -> int:
-    in_row += 1
+def _micro_batch_groups(loader, accum: int) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def _checkpoint_due(run: _Run) -> bool:
+    minutes = run.cfg.trainer.checkpoint_every_minutes
+    return bool(minutes) and run.info.is_main and time.monotonic() - run.last_checkpoint_time >= minutes * 60
+
+
+def _handle_nonfinite(run: _Run) -> None:
+    run.nonfinite_in_row += 1
     run.state.nonfinite_skipped += 1
-    log.warning("non-finite loss at step %d: step skipped (%d in a row)", run.state.step, in_row)
+    step, in_row = run.state.step + 1, run.nonfinite_in_row
+    log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, in_row)
     if in_row >= run.cfg.trainer.max_nonfinite_steps:
         raise FloatingPointError(
-            f"{in_row} consecutive non-finite losses (last at step {run.state.step}): training diverged. "
+            f"{in_row} consecutive non-finite losses (last at step {step}): training diverged. "
             "Lower optim.lr, raise optim.warmup, or use precision=bf16 instead of fp16."
         )
-    return in_row
+
+
+def _train_step(run: _Run, group: list[dict]) -> tuple[torch.Tensor, bool]:
+    """Gradients for one optimizer step; returns the loss and whether this rank may apply the update."""
+    loss = forward_backward(run.parts, group)
+    return loss, bool(finite_flag(run.parts, loss))
+
+
+def _advance(run: _Run, progress: EpochProgress, group: list[dict]) -> int:
+    """Count a finished step; returns its global batch size."""
+    for batch in group:
+        progress.consumed(batch)
+    batch_size = sum(len(batch["keys"]) for batch in group) * run.info.world_size
+    run.state.step += 1
+    run.state.epoch_step += 1
+    run.state.samples_seen += batch_size
+    return batch_size
 
 
 def _run_epoch(run: _Run) -> None:
-    state, cfg = run.state, run.cfg
+    state, cfg, info = run.state, run.cfg, run.info
     steps = run.plan.steps[state.epoch]
-    positions = dict(state.batches_done.get(run.info.rank, {}))
-    loader = create_train_loader(run.plan.urls, run.train_transform, run.bundle.tokenizer, cfg.data.loader,
-                                 state.epoch, cfg.seed, run.plan.workers, positions)
-    errors_by_worker: dict[int, dict[str, int]] = {}
-    base_errors = dict(state.data_errors)
+    progress = EpochProgress(run.plan.workers, state, info.rank)
+    loader = create_train_loader(
+        run.plan.urls, run.train_transform, run.bundle.tokenizer, cfg.data.loader, state.epoch, cfg.seed,
+        run.plan.workers, resume=progress.positions, rank=info.rank, world_size=info.world_size,
+        first_worker=progress.next_worker, pin_memory=info.device.type == "cuda", shard_counts=run.plan.counts)
+    groups = _micro_batch_groups(loader, cfg.trainer.accum_freq)
     bar = tqdm(total=steps, initial=state.epoch_step, desc=f"epoch {state.epoch + 1}/{len(run.plan.steps)}",
-               unit="step", disable=not (cfg.trainer.progress and run.info.is_main), dynamic_ncols=True)
-    in_row, window_start, window_samples = 0, time.perf_counter(), 0
-    for batch in loader:
-        if state.epoch_step >= steps:
-            break
-        lr = run.scheduler(state.step)
-        loss = _train_step(run, batch)
-        in_row = _handle_nonfinite(run, in_row) if loss is None else 0
-        batch_size = len(batch["keys"]) * run.info.world_size
-        positions[batch["worker"]] = batch["worker_batch"] + 1
-        errors_by_worker[batch["worker"]] = batch["errors"]
-        state.data_errors = _sum_errors(base_errors, errors_by_worker)
-        state.step += 1
-        state.epoch_step += 1
-        state.samples_seen += batch_size
-        window_samples += batch_size
+               unit="step", disable=not (cfg.trainer.progress and info.is_main), dynamic_ncols=True)
+    run.parts.model.train()
+    pending = next(groups, None) if state.epoch_step < steps else None
+    more = distributed.all_true([pending is not None], info)[0]
+    window = (time.perf_counter(), 0)
+    while more and state.epoch_step < steps:
+        group, lr = pending, run.scheduler(state.step)
+        loss, finite = _train_step(run, group)
+        last = state.epoch_step + 1 >= steps
+        pending = None if last else next(groups, None)
+        finite, more, go_on, no_save = distributed.all_true(
+            [finite, last or pending is not None, not run.stop.is_set(), not _checkpoint_due(run)], info)
+        if finite:
+            apply_update(run.parts)
+            run.nonfinite_in_row = 0
+        else:
+            skip_update(run.parts)
+            _handle_nonfinite(run)
+        window = (window[0], window[1] + _advance(run, progress, group))
         bar.update(1)
         if state.step % cfg.trainer.log_every_steps == 0 or state.epoch_step == steps:
-            rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-            _log_step(run, loss, lr, rate, bar)
-            window_start, window_samples = time.perf_counter(), 0
-        if state.step % cfg.trainer.checkpoint_every_steps == 0 and state.epoch_step < steps:
-            _checkpoint(run, positions)
+            _log_step(run, progress, float(loss) if finite else None, lr, window, bar)
+            window = (time.perf_counter(), 0)
+        if not go_on:
+            _checkpoint(run, progress)
+            raise TrainingInterrupted(f"stopped by a signal at step {state.step}; checkpoint written in "
+                                      f"{run.run_dir}/checkpoints. Continue with resume=latest.")
+        if state.epoch_step < steps and (state.step % cfg.trainer.checkpoint_every_steps == 0 or not no_save):
+            _checkpoint(run, progress)
     bar.close()
+    _end_epoch(run, progress, steps)
+
+
+def _end_epoch(run: _Run, progress: EpochProgress, steps: int) -> None:
+    state = run.state
+    state.data_errors = epoch_errors_total(state, progress, run.info)
     if state.epoch_step < steps:
-        raise RuntimeError(f"the loader ran dry after {state.epoch_step} of {steps} steps in epoch {state.epoch}: "
-                           f"data errors so far {state.data_errors}")
+        log.warning("epoch %d ended after %d of its %d planned steps: a process ran out of data (data errors so "
+                    "far: %s). Training goes on with the next epoch.", state.epoch + 1, state.epoch_step, steps,
+                    state.data_errors or "none")
+    if state.data_errors:
+        log.warning("data errors so far (all processes; each item was skipped): %s", state.data_errors)
+    state.errors_before_epoch = dict(state.data_errors)
     state.epoch += 1
     state.epoch_step = 0
-    _checkpoint(run, {})
+    _checkpoint(run, None)
 
 
-def _sum_errors(base: dict[str, int], by_worker: dict[int, dict[str, int]]) -> dict[str, int]:
-    total = dict(base)
-    for counts in by_worker.values():
-        for kind, count in counts.items():
-            total[kind] = total.get(kind, 0) + count
-    return total
-
-
-def _log_step(run: _Run, loss: float | None, lr: float, rate: float, bar) -> None:
+def _log_step(run: _Run, progress: EpochProgress, loss: float | None, lr: float, window: tuple[float, int],
+              bar) -> None:
+    info, state = run.info, run.state
+    rate = window[1] / max(time.perf_counter() - window[0], 1e-9)
+    state.data_errors = epoch_errors_total(state, progress, info)
+    loss_sum = distributed.all_reduce_sum(loss if loss is not None else float("nan"), info)
     values = {
-        "loss": loss if loss is not None else float("nan"),
+        "loss": loss_sum / info.world_size,
         "lr": lr,
-        "logit_scale": float(_unwrap(run.model).logit_scale.detach().exp()),
+        "logit_scale": float(run.parts.raw.logit_scale.detach().exp()),
         "samples_per_s": rate,
-        "epoch": run.state.epoch + run.state.epoch_step / run.plan.steps[run.state.epoch],
-        "data_errors": sum(run.state.data_errors.values()),
-        "nonfinite_skipped": run.state.nonfinite_skipped,
+        "epoch": state.epoch + state.epoch_step / run.plan.steps[state.epoch],
+        "data_errors": sum(state.data_errors.values()),
+        "nonfinite_skipped": state.nonfinite_skipped,
     }
-    run.logger.log(run.state.step, values)
-    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
-    if run.state.data_errors:
-        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}",
-                        skipped=values["data_errors"])
+    if info.device.type == "cuda":
+        values["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+    run.logger.log(state.step, values)
+    postfix = {"loss": f"{values['loss']:.3f}", "lr": f"{lr:.2e}", "sps": f"{rate:.0f}"}
+    if state.data_errors:
+        postfix["skipped"] = values["data_errors"]
+    bar.set_postfix(**postfix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,66 +304,147 @@ def _log_step(run: _Run, loss: float | None, lr: float, rate: float, bar) -> Non
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a CLIP model as ``cfg`` says and return the held-out evaluation report."""
-    info = distributed.init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+    info = distributed.init_distributed(cfg.trainer.device, cfg.trainer.dist_backend,
+                                        cfg.trainer.dist_timeout_minutes)
     try:
         return _train(cfg, info)
     finally:
         distributed.cleanup(info)
 
 
+def _find_checkpoint(cfg: TrainConfig, run_dir: Path, info: distributed.DistInfo) -> tuple[str, dict] | None:
+    """Rank 0 picks the checkpoint and every rank loads that same one (sent by rank 0 where a rank cannot see it)."""
+    found = find_resume_checkpoint(cfg.resume, run_dir) if info.is_main else None
+    path = distributed.broadcast_object(str(found[0]) if found else None, info)
+    if path is None:
+        return None
+    if info.is_main:
+        checkpoint = found[1]
+    else:
+        checkpoint = load_checkpoint(path) if Path(path).is_file() else None
+    if distributed.all_true([checkpoint is not None], info)[0]:
+        return path, checkpoint
+    if checkpoint is None:
+        log.warning("checkpoint %s is not visible from rank %d: receiving it from rank 0", path, info.rank)
+    sent = distributed.broadcast_object(checkpoint if info.is_main else None, info)
+    return path, checkpoint if checkpoint is not None else sent
+
+
+def _wrap_model(cfg: TrainConfig, bundle: ModelBundle, info: distributed.DistInfo):
+    model, ddp = bundle.model, None
+    if info.distributed:
+        if cfg.trainer.sync_batchnorm:
+            if info.device.type == "cuda":
+                bundle.model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                log.warning("trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm): ignored on %s", info.device)
+        ddp = model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda"
+                                              else None, static_graph=cfg.trainer.ddp_static_graph)
+    if cfg.model.torch_compile:
+        model = torch.compile(model)
+    return model, ddp
+
+
 def _build_run(cfg: TrainConfig, info: distributed.DistInfo, run_dir: Path) -> tuple[_Run, ShardSet, str | None]:
     shard_set = prepare_data(cfg, info)
     bundle = create_model(cfg.model, info.device, **model_kwargs_for(cfg.loss))
-    log.info("model %s: %s parameters", cfg.model.name, f"{count_parameters(bundle.model)['total']:,}")
+    if info.is_main:
+        log.info("model %s: %s parameters", cfg.model.name, f"{count_parameters(bundle.model)['total']:,}")
     plan = plan_epochs(cfg, shard_set, info)
     optimizer = create_optimizer(bundle.model, cfg.optim)
     precision = resolve_precision(cfg.trainer.precision, info.device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = create_grad_scaler(precision, info.device)
     state, resumed_from = TrainState(), None
     if cfg.resume:
-        found = find_resume_checkpoint(cfg.resume, run_dir)
+        found = _find_checkpoint(cfg, run_dir, info)
         if found is None:
             log.info("resume=%s: no checkpoint found, starting from step 0", cfg.resume)
         else:
-            resumed_from = str(found[0])
-            state = _restore(found[1], bundle, optimizer, scaler, plan, info)
-            log.info("resumed from %s at step %d (epoch %d, step %d of it)", resumed_from, state.step,
-                     state.epoch, state.epoch_step)
-    model = bundle.model
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if cfg.model.torch_compile:
-        model = torch.compile(model)
+            resumed_from, checkpoint = found
+            bundle.model.load_state_dict(checkpoint["state_dict"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            state = restore_train_state(checkpoint, data_layout(cfg, plan, info), info)
+            if info.is_main:
+                log.info("resumed from %s at step %d (epoch %d, step %d of it)", resumed_from, state.step,
+                         state.epoch + 1, state.epoch_step)
+    model, ddp = _wrap_model(cfg, bundle, info)
+    parts = StepParts(model, bundle.model, ddp, create_loss(cfg.loss, info.rank, info.world_size), optimizer, scaler,
+                      precision, info.device, cfg.optim.grad_clip_norm)
     train_transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=True,
                                        augment=cfg.data.augment)
     logger = MetricsLogger(run_dir, info.is_main, cfg.trainer.tensorboard)
     logger.drop_after(state.step)
-    run = _Run(cfg, info, bundle, model, create_loss(cfg.loss, info.rank, info.world_size), optimizer,
-               create_scheduler(optimizer, cfg.optim, plan.total_steps), scaler, precision, plan, state, run_dir,
-               logger, train_transform)
+    run = _Run(cfg, info, bundle, parts, create_scheduler(optimizer, cfg.optim, plan.total_steps), plan, state,
+               run_dir, logger, train_transform, threading.Event(), time.monotonic())
     return run, shard_set, resumed_from
 
 
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """SIGTERM (pre-emption, torchrun shutting down), SIGUSR1 (SLURM's warning) and SIGINT ask for a clean stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = ("SIGTERM", "SIGUSR1", "SIGINT")
+    signals = [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+    def request_stop(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():  # asked twice: stop now, the way the signal normally would
+            log.warning("signal %s again: stopping without a checkpoint", name)
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        log.warning("signal %s: stopping after this step with a checkpoint (send it again to stop at once)", name)
+        stop.set()
+
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _setup_backends(info: distributed.DistInfo) -> None:
+    if info.device.type == "cuda":
+        # As open_clip_train does: TF32 matmuls/convolutions for fp32 work, cuDNN autotuning.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 def _train(cfg: TrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Rank 0's folder for every rank (each torchrun process composes its own time-stamped default).
+    run_dir = Path(distributed.broadcast_object(str(resolve_run_dir(cfg)), info))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    _setup_backends(info)
     run, shard_set, resumed_from = _build_run(cfg, info, run_dir)
-    log.info("training %d steps over %d epochs (%d workers per process) into %s", run.plan.total_steps,
-             len(run.plan.steps), run.plan.workers, run_dir)
+    if info.is_main:
+        log.info("training %d steps over %d epochs (%d processes x %d loader workers, %d x %d samples per step and "
+                 "process) into %s", run.plan.total_steps, len(run.plan.steps), info.world_size, run.plan.workers,
+                 cfg.trainer.accum_freq, cfg.data.loader.batch_size, run_dir)
     started = time.perf_counter()
     try:
-        while run.state.epoch < len(run.plan.steps) and run.state.step < run.plan.total_steps:
-            _run_epoch(run)
-            every = cfg.eval.every_epochs
-            if every and run.state.epoch % every == 0 and run.state.epoch < len(run.plan.steps):
-                evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
-                             write_files=False)
+        with _stop_on_signals(run.stop):
+            while run.state.epoch < len(run.plan.steps) and run.state.step < run.plan.total_steps:
+                _run_epoch(run)
+                every = cfg.eval.every_epochs
+                if every and run.state.epoch % every == 0 and run.state.epoch < len(run.plan.steps):
+                    evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
+                                 write_files=False)
         train_seconds = time.perf_counter() - started
         return evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
                             extra={"resumed_from": resumed_from, "train_seconds": round(train_seconds, 1),
                                    "data_errors": run.state.data_errors,
-                                   "nonfinite_skipped": run.state.nonfinite_skipped})
+                                   "nonfinite_skipped": run.state.nonfinite_skipped,
+                                   "samples_seen": run.state.samples_seen})
     finally:
         run.logger.close()

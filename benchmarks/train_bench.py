@@ -1,0 +1,362 @@
+"""Training throughput: clip_med's trainer next to open_clip's own (``open_clip_train.main``), and
+clip_med's streaming loader next to the raw rate of decoding and transforming the same images.
+
+Both trainers run on the same webdataset shards with the same architecture config, image size,
+batch size, precision, loader worker count, augmentation and number of steps, one after the
+other in fresh processes (under ``torchrun`` with ``--nproc`` > 1). Each process times its own
+optimizer steps through one global optimizer-step hook (the same code for both trainers): the
+clock starts after ``--warmup-steps`` steps (worker start-up, shuffle-buffer fill, cuDNN
+autotuning) and stops at ``--steps``, with a CUDA synchronisation at both ends; the process
+then exits, so neither trainer's final checkpoint or evaluation is timed.
+
+The loader comparison runs in this process: clip_med's training loader (shuffling, per-sample
+seeded augmentation, sentence sampling, tokenisation, error accounting, resume bookkeeping)
+against a bare DataLoader with the same number of worker processes that only reads the same tar
+members, decodes the PNGs and applies the same transform.
+
+    python benchmarks/train_bench.py                                # small CPU check (minutes)
+    python benchmarks/train_bench.py --steps 60 --repeat 3          # the numbers for BENCHMARKS.md (CPU)
+    python benchmarks/train_bench.py --device cuda --model ViT-B-16 --image-size 224 --batch-size 256 \\
+        --precision bf16 --workers 8 --samples 40000 --steps 150 --warmup-steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHUFFLE_BUFFER = 500  # conf/train.yaml's data.loader.shuffle_buffer
+PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}  # clip_med name -> open_clip_train name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="bench_work/train_bench", help="shards and run folders go here")
+    parser.add_argument("--shards", default=None, help="an existing shard folder (with train.manifest.json) "
+                        "instead of generated synthetic shards")
+    parser.add_argument("--samples", type=int, default=4000, help="synthetic training pairs to generate")
+    parser.add_argument("--shard-size", type=int, default=200, help="pairs per generated shard")
+    parser.add_argument("--source-image-size", type=int, default=96, help="pixel size of generated images")
+    parser.add_argument("--model", default="medclip-tiny")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes per training process")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun) for both trainers")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps; timing stops at the last")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="steps before the clock starts")
+    parser.add_argument("--loader-batches", type=int, default=20, help="timed loader batches")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both trainers' processes "
+                        "(default: torch's choice); 1 keeps a shared or small machine from oversubscribing its cores")
+    parser.add_argument("--repeat", type=int, default=1, help="alternate the measurements this often; medians")
+    parser.add_argument("--skip", choices=["trainers", "loader"], action="append", default=[])
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def shard_set_for(args: argparse.Namespace, work: Path):
+    from clip_med.data.shardset import open_shard_set, prepare_shards
+    from clip_med.data.sources.synthetic import SyntheticSourceConfig
+    from clip_med.data.writer import ShardConfig
+
+    if args.shards:
+        return open_shard_set(args.shards)
+    source = SyntheticSourceConfig(image_size=args.source_image_size, sizes={"train": args.samples, "dev": 64})
+    return prepare_shards(source, ShardConfig(out=str(work / "shards"), max_samples=args.shard_size, workers=-1,
+                                              progress=False))
+
+
+def check_enough_data(args: argparse.Namespace, counts: dict[str, int]) -> None:
+    """Every timed batch must come from a full stream (no epoch end, no draining shuffle buffer)."""
+    total, streams = sum(counts.values()), max(args.workers, 1) * args.nproc
+    slack = streams * (SHUFFLE_BUFFER + args.batch_size)
+    needs = {"trainers": (args.steps + 2) * args.batch_size * args.nproc + slack,
+             "loader": (max(args.workers, 1) + 1 + args.loader_batches) * args.batch_size + slack}
+    for what, needed in needs.items():
+        if what not in args.skip and total < needed:
+            raise SystemExit(f"{total} training pairs are too few for the {what} measurement ({needed} needed): "
+                             "raise --samples, or lower --steps / --loader-batches")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside each training process: the step clock
+
+
+def install_step_clock(result_path: str, warmup: int, steps: int, device: str) -> None:
+    """Time optimizer steps warmup..steps of this process; rank 0 writes the result; then exit."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    state = {"n": 0, "t0": None}
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def hook(optimizer, args, kwargs):
+        state["n"] += 1
+        if state["n"] == warmup:
+            state["t0"] = sync()
+        elif state["n"] == steps:
+            seconds = sync() - state["t0"]
+            if int(os.environ.get("RANK", "0")) == 0:
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+                Path(result_path).write_text(json.dumps({"seconds": seconds, "steps": steps - warmup,
+                                                         "peak_memory_gb": peak}))
+            # Nothing after the timed steps matters: stop the loader workers, then this process.
+            for child in multiprocessing.active_children():
+                child.terminate()
+            sys.stdout.flush()
+            os._exit(0)
+
+    register_optimizer_step_post_hook(hook)
+
+
+def child_clip_med(spec: dict) -> None:
+    import clip_med.training.trainer as trainer
+    from clip_med.data.loader import LoaderConfig
+    from clip_med.data.shardset import open_shard_set
+    from clip_med.hydra_config import setup_logging
+    from clip_med.models import ModelConfig
+    from clip_med.training.config import DataConfig, TrainConfig, TrainerConfig
+    from clip_med.training.optim import OptimConfig
+
+    setup_logging()
+    install_step_clock(spec["result"], spec["warmup_steps"], spec["steps"], spec["device"])
+    trainer.prepare_data = lambda cfg, info: open_shard_set(spec["shard_dir"])  # shards are already written
+    cfg = TrainConfig(
+        data=DataConfig(loader=LoaderConfig(batch_size=spec["batch_size"], workers=spec["workers"],
+                                            shuffle_buffer=SHUFFLE_BUFFER)),
+        model=ModelConfig(name=spec["model"], image_size=spec["image_size"]),
+        optim=OptimConfig(lr=1e-3, warmup=5, grad_clip_norm=1.0),
+        trainer=TrainerConfig(epochs=1, max_steps=spec["steps"] + 1, device=spec["device"],
+                              precision=spec["precision"], checkpoint_every_steps=10**9, log_every_steps=10,
+                              progress=False, tensorboard=False),
+        run_dir=spec["run_dir"], seed=0)
+    trainer.train(cfg)
+    raise SystemExit("clip_med's trainer stopped before the last timed step")
+
+
+def child_open_clip(spec: dict) -> None:
+    import functools
+
+    import open_clip
+    import open_clip_train.data
+    from open_clip_train.main import main
+    from webdataset.tariterators import tar_file_expander
+
+    from clip_med.models import CONFIG_DIR
+
+    open_clip.add_model_config(CONFIG_DIR)  # clip_med's architectures, by the same names
+    # open_clip_train's webdataset reader predates webdataset's end-of-shard marker ({}) and fails on it
+    # (KeyError: 'fname'; webdataset/webdataset#384, mlfoundations/open_clip#935): their suggested fix.
+    open_clip_train.data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
+    install_step_clock(spec["result"], spec["warmup_steps"], spec["steps"], spec["device"])
+    global_batch = spec["batch_size"] * spec["nproc"]
+    argv = [
+        "--train-data", "::".join(spec["urls"]), "--dataset-type", "webdataset",
+        "--train-num-samples", str((spec["steps"] + 2) * global_batch), "--epochs", "1",
+        "--batch-size", str(spec["batch_size"]), "--workers", str(spec["workers"]),
+        "--model", spec["model"], "--force-image-size", str(spec["image_size"]),
+        "--precision", PRECISIONS[spec["precision"]], "--device", spec["device"],
+        "--lr", "1e-3", "--warmup", "5", "--wd", "0.1", "--grad-clip-norm", "1.0", "--seed", "0",
+        "--logs", spec["run_dir"], "--name", "open_clip", "--report-to", "", "--log-every-n-steps", "10",
+        # clip_med's default augmentation, so that both loaders do the same work per image
+        "--aug-cfg", "scale=(0.7, 1.0)", "color_jitter=(0.2, 0.2, 0.0, 0.0)", "color_jitter_prob=0.8",
+    ]
+    if spec["nproc"] > 1:
+        argv += ["--local-loss", "--gather-with-grad"]
+        if spec["device"] == "cpu":
+            argv += ["--dist-backend", "gloo"]
+    main(argv)
+    raise SystemExit("open_clip_train stopped before the last timed step")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching the trainers
+
+
+def run_trainer(kind: str, args: argparse.Namespace, shard_set, work: Path, attempt: int) -> dict:
+    run_dir = work / f"{kind}-{attempt}"
+    result = work / f"{kind}-{attempt}.json"
+    result.unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # open_clip_train refuses an existing experiment folder
+    spec = {"kind": kind, "result": str(result), "run_dir": str(run_dir), "shard_dir": str(shard_set.out_dir),
+            "urls": shard_set.urls("train"), "model": args.model, "image_size": args.image_size,
+            "batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
+            "device": args.device, "nproc": args.nproc, "steps": args.steps, "warmup_steps": args.warmup_steps}
+    script = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    if args.nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(args.nproc), *script]
+    else:
+        command = [sys.executable, *script]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    log_path = work / f"{kind}-{attempt}.log"
+    with open(log_path, "w") as log_file:
+        completed = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=3600)
+    if not result.is_file():
+        raise SystemExit(f"{kind} run failed (exit {completed.returncode}); its output, from {log_path}:\n"
+                         f"{log_path.read_text()[-6000:]}")
+    timing = json.loads(result.read_text())
+    timing["samples_per_s"] = timing["steps"] * args.batch_size * args.nproc / timing["seconds"]
+    return timing
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader alone
+
+
+class RawDecode(IterableDataset):
+    """The floor for a loader: read tar members, decode the image, transform it, stack a batch.
+
+    With a ``tokenizer`` it also tokenizes each sample's caption (work every CLIP loader must do,
+    shown separately so that the loader's own overhead can be told from the text work).
+    """
+
+    def __init__(self, urls: list[str], transform, batch_size: int, tokenizer=None):
+        self.urls, self.transform, self.batch_size, self.tokenizer = urls, transform, batch_size, tokenizer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        images, texts = [], []
+        for url in self.urls[worker::workers]:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if member.name.endswith(".png"):
+                        images.append(self.transform(Image.open(io.BytesIO(tar.extractfile(member).read()))))
+                    elif member.name.endswith(".txt") and self.tokenizer is not None:
+                        texts.append(tar.extractfile(member).read().decode("utf-8"))
+                    if len(images) == self.batch_size and (self.tokenizer is None or len(texts) == len(images)):
+                        yield torch.stack(images), self.tokenizer(texts) if self.tokenizer is not None else None
+                        images, texts = [], []
+
+
+def time_batches(loader, warmup: int, batches: int, batch_size: int) -> float:
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    rate = batches * batch_size / (time.perf_counter() - start)
+    del iterator
+    return rate
+
+
+def loader_rates(args: argparse.Namespace, shard_set) -> dict[str, float]:
+    from clip_med.data.loader import LoaderConfig, create_train_loader
+    from clip_med.data.transforms import create_transform
+    from clip_med.models import ModelConfig, create_model
+
+    bundle = create_model(ModelConfig(name=args.model, image_size=args.image_size))
+    transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=True)
+    urls = shard_set.urls("train")
+    cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=SHUFFLE_BUFFER)
+    # Each worker fills its shuffle buffer (reading, not decoding) before its first batch: the clock starts
+    # once every worker has delivered one.
+    warmup = max(args.workers, 1) + 1
+    ours = create_train_loader(urls, transform, bundle.tokenizer, cfg, 0, 0, args.workers,
+                               shard_counts=shard_set.shard_counts("train"))  # as the trainer calls it
+    rates = {"loader": time_batches(ours, warmup, args.loader_batches, args.batch_size)}
+    for kind, tokenizer in (("raw", None), ("raw_tokenize", bundle.tokenizer)):
+        raw = DataLoader(RawDecode(urls, transform, args.batch_size, tokenizer), batch_size=None,
+                         num_workers=args.workers, prefetch_factor=cfg.prefetch_factor if args.workers else None)
+        rates[kind] = time_batches(raw, warmup, args.loader_batches, args.batch_size)
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def describe_machine(args: argparse.Namespace) -> str:
+    parts = [platform.machine(), f"{os.cpu_count()} CPUs", f"torch {torch.__version__}"]
+    if args.device == "cuda" and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return ", ".join(parts)
+
+
+def print_table(args: argparse.Namespace, trainers: dict[str, list[dict]], loaders: dict[str, list[float]]) -> None:
+    print(f"\nmachine: {describe_machine(args)}")
+    print(f"setup: {args.model} @ {args.image_size} px, batch {args.batch_size} x {args.nproc} process(es), "
+          f"{args.precision} on {args.device}, {args.workers} loader workers per process, steps "
+          f"{args.warmup_steps}..{args.steps} timed, {args.threads or 'default'} torch thread(s) per trainer "
+          f"process, median of {args.repeat}\n")
+    print("| measured | samples/s | peak GPU memory | ratio | goal |")
+    print("|---|---|---|---|---|")
+    if trainers:
+        rates = {kind: statistics.median(t["samples_per_s"] for t in runs) for kind, runs in trainers.items()}
+        memory = {kind: runs[-1].get("peak_memory_gb") for kind, runs in trainers.items()}
+        ratio = rates["clip_med"] / rates["open_clip"]
+        for kind, label in (("clip_med", "clip_med trainer"), ("open_clip", "open_clip_train.main (baseline)")):
+            peak = f"{memory[kind]:.2f} GiB" if memory[kind] is not None else "-"
+            ratio_cell = f"**{ratio:.2f}**" if kind == "clip_med" else "1.00"
+            goal = f"≥ 1.0 {'(met)' if ratio >= 1.0 else '(NOT met)'}" if kind == "clip_med" else ""
+            print(f"| {label} | {rates[kind]:.1f} | {peak} | {ratio_cell} | {goal} |")
+    if loaders:
+        ours, raw = statistics.median(loaders["loader"]), statistics.median(loaders["raw"])
+        ratio = ours / raw
+        print(f"| clip_med streaming loader | {ours:.1f} | - | **{ratio:.2f}** | ≥ 0.9 "
+              f"{'(met)' if ratio >= 0.9 else '(NOT met)'} |")
+        print(f"| raw decode + transform, same workers (baseline) | {raw:.1f} | - | 1.00 | |")
+        text = statistics.median(loaders["raw_tokenize"])
+        print(f"| raw decode + transform + tokenize, same workers (for reference) | {text:.1f} | - | "
+              f"{text / raw:.2f} | |")
+
+
+def main(argv=None) -> None:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        spec = json.loads(sys.argv[2])
+        (child_clip_med if spec["kind"] == "clip_med" else child_open_clip)(spec)
+        return
+    args = parse_args(argv)
+    if args.warmup_steps < 1 or args.warmup_steps >= args.steps:
+        raise SystemExit("--warmup-steps must be at least 1 and below --steps")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    shard_set = shard_set_for(args, work)
+    check_enough_data(args, shard_set.shard_counts("train"))
+    trainers: dict[str, list[dict]] = {}
+    loaders: dict[str, list[float]] = {}
+    for attempt in range(args.repeat):
+        if "trainers" not in args.skip:
+            for kind in (("clip_med", "open_clip") if attempt % 2 == 0 else ("open_clip", "clip_med")):
+                timing = run_trainer(kind, args, shard_set, work, attempt)
+                trainers.setdefault(kind, []).append(timing)
+                print(f"[{attempt + 1}/{args.repeat}] {kind}: {timing['samples_per_s']:.1f} samples/s", flush=True)
+        if "loader" not in args.skip:
+            for kind, rate in loader_rates(args, shard_set).items():
+                loaders.setdefault(kind, []).append(rate)
+                print(f"[{attempt + 1}/{args.repeat}] {kind}: {rate:.1f} samples/s", flush=True)
+    print_table(args, trainers, loaders)
+
+
+if __name__ == "__main__":
+    main()
