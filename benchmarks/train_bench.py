@@ -2,7 +2,8 @@
 clip_med's streaming loader next to the raw rate of decoding and transforming the same images.
 
 Both trainers run on the same webdataset shards with the same architecture config, image size,
-batch size, precision, loader worker count, augmentation and number of steps, one after the
+batch size, precision, loader worker count and prefetch depth (``--prefetch-factor``, default
+open_clip_train's 2; clip_med's own default is 4), augmentation and number of steps, one after the
 other in fresh processes (under ``torchrun`` with ``--nproc`` > 1). Each process times its own
 optimizer steps through one global optimizer-step hook (the same code for both trainers): the
 clock starts after ``--warmup-steps`` steps (worker start-up, shuffle-buffer fill, cuDNN
@@ -15,7 +16,7 @@ against a bare DataLoader with the same number of worker processes that only rea
 members, decodes the PNGs and applies the same transform.
 
     python benchmarks/train_bench.py                                # small CPU check (minutes)
-    python benchmarks/train_bench.py --steps 60 --repeat 3          # the numbers for BENCHMARKS.md (CPU)
+    python benchmarks/train_bench.py --repeat 3 --threads 1         # the CPU numbers in BENCHMARKS.md
     python benchmarks/train_bench.py --device cuda --model ViT-B-16 --image-size 224 --batch-size 256 \\
         --precision bf16 --workers 8 --samples 40000 --steps 150 --warmup-steps 30
 """
@@ -60,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes per training process")
+    parser.add_argument("--prefetch-factor", type=int, default=2,
+                        help="batches each loader worker keeps ready (open_clip_train uses DataLoader's default, 2)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun) for both trainers")
@@ -149,7 +152,7 @@ def child_clip_med(spec: dict) -> None:
     trainer.prepare_data = lambda cfg, info: open_shard_set(spec["shard_dir"])  # shards are already written
     cfg = TrainConfig(
         data=DataConfig(loader=LoaderConfig(batch_size=spec["batch_size"], workers=spec["workers"],
-                                            shuffle_buffer=SHUFFLE_BUFFER)),
+                                            shuffle_buffer=SHUFFLE_BUFFER, prefetch_factor=spec["prefetch_factor"])),
         model=ModelConfig(name=spec["model"], image_size=spec["image_size"]),
         optim=OptimConfig(lr=1e-3, warmup=5, grad_clip_norm=1.0),
         trainer=TrainerConfig(epochs=1, max_steps=spec["steps"] + 1, device=spec["device"],
@@ -206,7 +209,8 @@ def run_trainer(kind: str, args: argparse.Namespace, shard_set, work: Path, atte
     shutil.rmtree(run_dir, ignore_errors=True)  # open_clip_train refuses an existing experiment folder
     spec = {"kind": kind, "result": str(result), "run_dir": str(run_dir), "shard_dir": str(shard_set.out_dir),
             "urls": shard_set.urls("train"), "model": args.model, "image_size": args.image_size,
-            "batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
+            "batch_size": args.batch_size, "workers": args.workers, "prefetch_factor": args.prefetch_factor,
+            "precision": args.precision,
             "device": args.device, "nproc": args.nproc, "steps": args.steps, "warmup_steps": args.warmup_steps}
     script = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     if args.nproc > 1:
@@ -278,7 +282,8 @@ def loader_rates(args: argparse.Namespace, shard_set) -> dict[str, float]:
     bundle = create_model(ModelConfig(name=args.model, image_size=args.image_size))
     transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=True)
     urls = shard_set.urls("train")
-    cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=SHUFFLE_BUFFER)
+    cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=SHUFFLE_BUFFER,
+                       prefetch_factor=args.prefetch_factor)
     # Each worker fills its shuffle buffer (reading, not decoding) before its first batch: the clock starts
     # once every worker has delivered one.
     warmup = max(args.workers, 1) + 1

@@ -130,7 +130,7 @@ def read_image_file(path: str, limits: ImageLimits, max_side: int | None = None)
     return open_image_bytes(data, limits, path, max_side), data
 
 
-def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
+def rescale_to_uint8(array: np.ndarray) -> np.ndarray:
     array = array.astype(np.float64)
     low, high = float(array.min()), float(array.max())
     if high <= low:
@@ -155,7 +155,7 @@ def normalize_mode(image: Image.Image) -> Image.Image:
     """Return an 8-bit ``L`` or ``RGB`` image (see the module docstring for the rules)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_rescale_to_uint8(np.asarray(image)), mode="L")
+        return Image.fromarray(rescale_to_uint8(np.asarray(image)), mode="L")
     if mode == "CMYK":
         image = _cmyk_to_rgb(image)
     if mode == "P":

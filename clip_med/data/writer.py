@@ -128,7 +128,7 @@ def _prepared_stream(records: list[Record], start: int, cfg: ShardConfig, pool) 
     )
     if pool is None:
         return map(run_image_job, jobs)
-    return pool.imap(run_image_job, jobs, chunksize=8)
+    return pool.imap(run_image_job, jobs, chunksize=32)
 
 
 @contextlib.contextmanager

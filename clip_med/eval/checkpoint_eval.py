@@ -95,13 +95,20 @@ def evaluate_model(model, data: EvalData, cfg: EvalConfig, out_dir: str | Path, 
     return report
 
 
-def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
+def load_model_and_data(cfg: EvaluateConfig | Any) -> tuple[Any, EvalData]:
+    """The checkpoint's model and the data it is scored on, sharded with the checkpoint's pixel options.
+
+    ``cfg`` is an :class:`EvaluateConfig` or anything with the same fields (the probe command's config)."""
     from clip_med.inference.model import load
 
     if cfg.data is None:
         raise ValueError("choose the data: data=<source> (e.g. data=medpix data.root=...) or data=shards data.dir=...")
     model = load(cfg.checkpoint, cfg.model_name, cfg.device)
     pixels = model.preprocessing.shard_options() if cfg.pixels_from_checkpoint else None
-    data = open_data(cfg.data, eval_shard_config(cfg.shards, pixels))
+    return model, open_data(cfg.data, eval_shard_config(cfg.shards, pixels))
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
+    model, data = load_model_and_data(cfg)
     out = cfg.out or str(Path("runs") / "eval" / f"{data.source}-{data.split}")
     return evaluate_model(model, data, cfg.eval, out, cfg.progress)

@@ -19,8 +19,8 @@ import numpy as np
 
 from clip_med.data.manifest import write_json_atomic
 from clip_med.data.writer import ShardConfig
-from clip_med.eval.checkpoint_eval import ModelOptions, embed_data_split
-from clip_med.eval.datasets import EvalData, eval_shard_config, open_data
+from clip_med.eval.checkpoint_eval import ModelOptions, embed_data_split, load_model_and_data
+from clip_med.eval.datasets import EvalData
 from clip_med.eval.embeddings import Embedded
 from clip_med.eval.evaluator import EvalConfig, task_labels
 from clip_med.eval.linear_probe import DEFAULT_CS, fit_probe
@@ -108,11 +108,5 @@ def render_probe_markdown(report: dict[str, Any]) -> str:
 
 
 def probe_checkpoint(cfg: ProbeConfig) -> dict[str, Any]:
-    from clip_med.inference.model import load
-
-    if cfg.data is None:
-        raise ValueError("choose the data: data=<source> (e.g. data=medpix data.root=...) or data=shards data.dir=...")
-    model = load(cfg.checkpoint, cfg.model_name, cfg.device)
-    pixels = model.preprocessing.shard_options() if cfg.pixels_from_checkpoint else None
-    data = open_data(cfg.data, eval_shard_config(cfg.shards, pixels))
+    model, data = load_model_and_data(cfg)
     return probe_model(model, data, cfg, cfg.out or Path("heads") / data.source)

@@ -32,6 +32,7 @@ from clip_med.data.images import (
     get_decoder,
     normalize_mode,
     open_image_bytes,
+    rescale_to_uint8,
 )
 from clip_med.data.record import SkipReason
 from clip_med.inference.loading import Preprocessing
@@ -131,14 +132,6 @@ def _decode_pil(image: Image.Image, prep: Preprocessing) -> Image.Image:
     return image
 
 
-def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
-    array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def _decode_array(array: np.ndarray, prep: Preprocessing) -> Image.Image:
     """H×W (any numeric dtype; non-uint8 is rescaled min..max like 16-bit images), H×W×1, H×W×3 or H×W×4."""
     name = describe(array)
@@ -159,7 +152,7 @@ def _decode_array(array: np.ndarray, prep: Preprocessing) -> Image.Image:
             return Image.fromarray(array, mode="L")
         return Image.fromarray(array.astype(np.float32), mode="F")
     if array.dtype != np.uint8:
-        array = _rescale_to_uint8(array)
+        array = rescale_to_uint8(array)
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB" if array.shape[-1] == 3 else "RGBA")
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from clip_med.eval.embeddings import autocast_context
 from clip_med.losses import total_loss
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         log.warning("precision=%s asked for on %s: training in fp32", requested, device)
         return "fp32"
     return requested
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def create_grad_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
@@ -81,7 +76,7 @@ def forward_backward(parts: StepParts, micro_batches: list[dict]) -> torch.Tenso
     parts.optimizer.zero_grad(set_to_none=True)
     if len(micro_batches) == 1:
         images, texts = _inputs(micro_batches[0], parts.device)
-        with autocast(parts.precision, parts.device):
+        with autocast_context(parts.device, parts.precision):
             loss = total_loss(parts.loss_fn(**parts.model(images, texts), output_dict=True))
         _backward(loss, parts.scaler)
         return loss.detach()
@@ -90,7 +85,7 @@ def forward_backward(parts: StepParts, micro_batches: list[dict]) -> torch.Tenso
 
 def _cached_features(parts: StepParts, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list]:
     cached: dict[str, list] = {}
-    with torch.no_grad(), autocast(parts.precision, parts.device):
+    with torch.no_grad(), autocast_context(parts.device, parts.precision):
         for images, texts in inputs:
             for key, value in parts.model(images, texts).items():
                 if key not in _SCALARS:
@@ -106,7 +101,7 @@ def _accumulated(parts: StepParts, inputs: list[tuple[torch.Tensor, torch.Tensor
         # Only the last pass syncs gradients across ranks; it also carries the temperature's gradient
         # (DDP expects every parameter in the graph of the pass that syncs).
         sync = contextlib.nullcontext() if parts.ddp is None or j == last else parts.ddp.no_sync()
-        with sync, autocast(parts.precision, parts.device):
+        with sync, autocast_context(parts.device, parts.precision):
             out = parts.model(images, texts)
             scalars = {key: out.pop(key) for key in _SCALARS if key in out}
             if j != last:

@@ -47,7 +47,6 @@ from clip_med.training.state import (
 from clip_med.training.step import (
     StepParts,
     apply_update,
-    autocast,  # noqa: F401  (re-exported: older code imports it from here)
     create_grad_scaler,
     finite_flag,
     forward_backward,

@@ -244,6 +244,19 @@ def split_dirs(root: Path) -> list[str]:
     return sorted(path.name for path in root.iterdir() if path.is_dir() and path.name.lower() in SPLIT_DIR_NAMES)
 
 
+def records_by_split_folder(root: Path, read_folder, cfg: HoldoutSourceConfig,
+                            nothing_found: str) -> dict[str, list[Record]]:
+    """``read_folder(folder, split)`` per split sub-folder; without any, the whole root as ``train``
+    (held out by ``cfg.holdout``). ``nothing_found`` is the error when the root holds no record."""
+    splits = split_dirs(root)
+    if splits:
+        return {split: read_folder(root / split, split) for split in splits}
+    records = read_folder(root, "train")
+    if not records:
+        raise FileNotFoundError(nothing_found)
+    return split_records(records, cfg)
+
+
 def relative_id(path: Path, root: Path) -> str:
     """A record id from a file path: relative to ``root``, without the extension."""
     return str(path.relative_to(root).with_suffix("")).replace(os.sep, "/")

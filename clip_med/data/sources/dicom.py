@@ -39,9 +39,8 @@ from clip_med.data.sources.common import (
     build_records,
     check_root,
     list_files,
+    records_by_split_folder,
     relative_id,
-    split_dirs,
-    split_records,
 )
 from clip_med.data.text import render_text
 
@@ -96,10 +95,6 @@ def _dicom_records(folder: Path, split: str, cfg: DicomSourceConfig, template: s
 def read_dicom_folder(cfg: DicomSourceConfig) -> dict[str, list[Record]]:
     root = check_root(cfg.root, "DICOM", "Point source.root at a folder of .dcm files (searched recursively).")
     template = cfg.text_template or DEFAULT_TEMPLATE
-    splits = split_dirs(root)
-    if splits:
-        return {split: _dicom_records(root / split, split, cfg, template) for split in splits}
-    records = _dicom_records(root, "train", cfg, template)
-    if not records:
-        raise FileNotFoundError(f"no DICOM files ({', '.join(cfg.extensions)} or without an extension) under {root}")
-    return split_records(records, cfg)
+    return records_by_split_folder(
+        root, lambda folder, split: _dicom_records(folder, split, cfg, template), cfg,
+        f"no DICOM files ({', '.join(cfg.extensions)} or without an extension) under {root}")

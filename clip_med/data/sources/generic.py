@@ -43,6 +43,7 @@ from clip_med.data.sources.common import (
     list_files,
     metadata_labels,
     read_table,
+    records_by_split_folder,
     relative_id,
     require_columns,
     split_dirs,
@@ -177,13 +178,8 @@ def _folder_records(folder: Path, split: str, cfg: FolderSourceConfig, template:
 def read_folder(cfg: FolderSourceConfig) -> dict[str, list[Record]]:
     root = check_root(cfg.root, "folder", "Point source.root at a folder of images with .txt captions beside them.")
     template = cfg.text_template or "{caption}"
-    splits = split_dirs(root)
-    if splits:
-        return {split: _folder_records(root / split, split, cfg, template) for split in splits}
-    records = _folder_records(root, "train", cfg, template)
-    if not records:
-        raise FileNotFoundError(f"no images with extensions {cfg.extensions} under {root}")
-    return split_records(records, cfg)
+    return records_by_split_folder(root, lambda folder, split: _folder_records(folder, split, cfg, template), cfg,
+                                   f"no images with extensions {cfg.extensions} under {root}")
 
 
 # ---------------------------------------------------------------------------------------------
