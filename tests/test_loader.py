@@ -244,3 +244,19 @@ def test_pickled_members_in_a_shard_are_never_unpickled(shard_set, bundle, tmp_p
     list(create_eval_loader([str(shard)], transform, bundle.tokenizer, 4, workers=0))
     list(_train_loader(shard_set, bundle, urls=[str(shard)], batch=4))
     assert not (tmp_path / "pwned").exists()
+
+
+class _NicenessOfWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.tensor(os.nice(0))
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="os.nice is Unix-only")
+def test_loader_workers_run_at_lower_priority_than_the_trainer():
+    from clip_med.data.loader import _data_loader
+
+    base = os.nice(0)
+    (seen,) = list(_data_loader(_NicenessOfWorker(), workers=1, prefetch_factor=2, worker_niceness=3))
+    assert int(seen) == min(base + 3, 19) and os.nice(0) == base
+    (same,) = list(_data_loader(_NicenessOfWorker(), workers=1, prefetch_factor=2, worker_niceness=0))
+    assert int(same) == base
