@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
 from clip_med.data.record import SkipReason
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+log = logging.getLogger(__name__)
 
 
 class ImageRejected(Exception):
@@ -146,8 +149,8 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
         try:
             source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
             return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
-        except (ImageCms.PyCMSError, OSError, ValueError):
-            pass  # a broken profile: fall back to the plain conversion below
+        except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+            log.warning("CMYK image with an unusable ICC profile (%s): converted without the profile", exc)
     return image.convert("RGB")
 
 
