@@ -4,7 +4,7 @@
     python benchmarks/caption_label_check.py --write-sample --tag c --seed 11 --size 100   # a new sample
 
 Coverage: the share of captions of ``data/<split>/radiology/captions.txt`` that get a modality
-(and an anatomy) label from :mod:`clip_med.text_labels`. Precision: a random sample of
+(and an anatomy) label from :mod:`clip_med.labels.caption_rules`. Precision: a random sample of
 ``--size`` captions (``--seed``) is written to ``benchmarks/caption_label_sample_<tag>.csv``
 with the rules' labels (ROCO ids only: the captions stay in the ROCO files, which are not
 redistributed here, and are looked up by id); a person reads each caption and records, in
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_med.text_labels import anatomy_from_text, modality_from_text  # noqa: E402
+from clip_med.labels.caption_rules import anatomy_from_text, modality_from_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROCO = HERE.parents[1] / "shared" / "data" / "roco"

@@ -41,7 +41,7 @@ from clip_med.inference.extract import (  # noqa: E402
     resolve_shards,
 )
 from clip_med.inference.index import IndexConfig  # noqa: E402
-from clip_med.models import ModelConfig, create_model  # noqa: E402
+from clip_med.modeling.factory import ModelConfig, create_model  # noqa: E402
 from clip_med.training.config import TrainConfig  # noqa: E402
 
 

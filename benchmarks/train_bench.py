@@ -140,10 +140,10 @@ def install_step_clock(result_path: str, warmup: int, steps: int, device: str) -
 
 def child_clip_med(spec: dict) -> None:
     import clip_med.training.trainer as trainer
+    from clip_med.cli.config import setup_logging
     from clip_med.data.loader import LoaderConfig
     from clip_med.data.shardset import open_shard_set
-    from clip_med.hydra_config import setup_logging
-    from clip_med.models import ModelConfig
+    from clip_med.modeling.factory import ModelConfig
     from clip_med.training.config import DataConfig, TrainConfig, TrainerConfig
     from clip_med.training.optim import OptimConfig
 
@@ -171,7 +171,7 @@ def child_open_clip(spec: dict) -> None:
     from open_clip_train.main import main
     from webdataset.tariterators import tar_file_expander
 
-    from clip_med.models import CONFIG_DIR
+    from clip_med.modeling.factory import CONFIG_DIR
 
     open_clip.add_model_config(CONFIG_DIR)  # clip_med's architectures, by the same names
     # open_clip_train's webdataset reader predates webdataset's end-of-shard marker ({}) and fails on it
@@ -277,7 +277,7 @@ def time_batches(loader, warmup: int, batches: int, batch_size: int) -> float:
 def loader_rates(args: argparse.Namespace, shard_set) -> dict[str, float]:
     from clip_med.data.loader import LoaderConfig, create_train_loader
     from clip_med.data.transforms import create_transform
-    from clip_med.models import ModelConfig, create_model
+    from clip_med.modeling.factory import ModelConfig, create_model
 
     bundle = create_model(ModelConfig(name=args.model, image_size=args.image_size))
     transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=True)

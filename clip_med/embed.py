@@ -1,27 +1,6 @@
-"""``python -m clip_med.embed checkpoint=<ckpt> shards=<pattern> out=<folder>`` (also under torchrun)."""
+"""``python -m clip_med.embed``: see :mod:`clip_med.cli.embed`."""
 
-from __future__ import annotations
-
-import hydra
-from omegaconf import DictConfig
-
-from clip_med.cli_common import register_command, user_errors
-from clip_med.hydra_config import setup_logging, to_object
-from clip_med.inference.commands import EmbedConfig, run_embed
-
-register_command("embed", EmbedConfig)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="embed")
-@user_errors
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    config: EmbedConfig = to_object(cfg)
-    result = run_embed(config)
-    if result:
-        print(f"{result['count']} embeddings ({result['dim']}-d) from {len(result['shards'])} shard(s) in "
-              f"{config.out}" + (f"; read errors {result['read_errors']}" if result["read_errors"] else ""))
-
+from clip_med.cli.embed import main
 
 if __name__ == "__main__":
     main()

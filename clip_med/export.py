@@ -1,33 +1,6 @@
-"""``python -m clip_med.export checkpoint=<checkpoint or run folder> out=<folder>``: open_clip-loadable weights.
+"""``python -m clip_med.export``: see :mod:`clip_med.cli.export`."""
 
-Writes safetensors weights and an open_clip config, then checks that plain open_clip loads the
-folder back with the same weights and embeddings (see clip_med.training.export).
-"""
-
-from __future__ import annotations
-
-import logging
-
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
-
-from clip_med.hydra_config import register_schemas, setup_logging, to_object
-from clip_med.training.export import INFO, ExportConfig, export_checkpoint
-
-log = logging.getLogger("clip_med.export")
-
-ConfigStore.instance().store(name="export_schema", node=ExportConfig)
-register_schemas()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    out = export_checkpoint(to_object(cfg))
-    print(f"exported to {out}")
-    print((out / INFO).read_text(encoding="utf-8"))
-
+from clip_med.cli.export import main
 
 if __name__ == "__main__":
     main()

@@ -1,31 +1,6 @@
-"""``python -m clip_med.probe checkpoint=<ckpt> data=<source> [out=<folder>]``: fit and save probe heads."""
+"""``python -m clip_med.probe``: see :mod:`clip_med.cli.probe`."""
 
-from __future__ import annotations
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from clip_med.cli_common import register_command, user_errors
-from clip_med.eval.probe_fit import ProbeConfig, probe_checkpoint
-from clip_med.eval.report import classification_table
-from clip_med.hydra_config import setup_logging, to_object
-
-register_command("probe", ProbeConfig)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="probe")
-@user_errors
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    config: ProbeConfig = to_object(cfg)
-    config.out = config.out or HydraConfig.get().runtime.output_dir
-    report = probe_checkpoint(config)
-    print(f"linear probes fitted on {report['train_split']}, scored on {report['split']} of {report['source']}:")
-    print("\n".join(classification_table(report)))
-    for task, path in report["heads"].items():
-        print(f"{task} head: {path}")
-
+from clip_med.cli.probe import main
 
 if __name__ == "__main__":
     main()

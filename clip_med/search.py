@@ -1,24 +1,6 @@
-"""``python -m clip_med.search index=<folder> text="..." | image=<path> [k=10]``."""
+"""``python -m clip_med.search``: see :mod:`clip_med.cli.search`."""
 
-from __future__ import annotations
-
-import hydra
-from omegaconf import DictConfig
-
-from clip_med.cli_common import register_command, user_errors
-from clip_med.hydra_config import setup_logging, to_object
-from clip_med.inference.commands import SearchConfig, format_search, run_search
-
-register_command("search", SearchConfig)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="search")
-@user_errors
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    config: SearchConfig = to_object(cfg)
-    print(format_search(run_search(config), config.format))
-
+from clip_med.cli.search import main
 
 if __name__ == "__main__":
     main()

@@ -1,26 +1,6 @@
-"""``python -m clip_med.serve checkpoint=<ckpt> [index=<folder>] [+heads.<name>=<file>]``: the HTTP service."""
+"""``python -m clip_med.serve``: see :mod:`clip_med.cli.serve`."""
 
-from __future__ import annotations
-
-import hydra
-import uvicorn
-from omegaconf import DictConfig
-
-from clip_med.cli_common import register_command, user_errors
-from clip_med.hydra_config import setup_logging, to_object
-from clip_med.inference.service import ServeConfig, build_service
-
-register_command("serve", ServeConfig)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
-@user_errors
-def main(cfg: DictConfig) -> None:
-    setup_logging()
-    config: ServeConfig = to_object(cfg)
-    app = build_service(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
-
+from clip_med.cli.serve import main
 
 if __name__ == "__main__":
     main()

@@ -1,39 +1,6 @@
-"""``python -m clip_med.shard source=<name> source.root=<path> out=shards/<name>``: write shards.
+"""``python -m clip_med.shard``: see :mod:`clip_med.cli.shard`."""
 
-Reads any registered source (``conf/source/<name>.yaml``), writes its webdataset shards and one
-``<split>.manifest.json`` per split, and prints what was written and skipped. Re-running on an
-unchanged source does nothing; re-running after an interruption finishes the job.
-
-The heavy imports (the writer imports webdataset, which imports torch) happen inside the
-functions: the writer's worker processes are started with "spawn" and import this module again
-as their ``__main__``, and they only need Pillow and numpy.
-"""
-
-from __future__ import annotations
-
-import hydra
-from omegaconf import DictConfig
-
-
-def register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from clip_med.data.shardset import ShardCommandConfig
-    from clip_med.hydra_config import register_schemas
-
-    ConfigStore.instance().store(name="shard_schema", node=ShardCommandConfig)
-    register_schemas()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="shard")
-def main(cfg: DictConfig) -> None:
-    from clip_med.data.shardset import describe, shard_source
-    from clip_med.hydra_config import setup_logging, to_object
-
-    setup_logging()
-    print(describe(shard_source(to_object(cfg))))
-
+from clip_med.cli.shard import main
 
 if __name__ == "__main__":
-    register()
     main()

@@ -15,7 +15,7 @@ from clip_med.data.shardset import prepare_shards
 from clip_med.data.sources.medpix import MedPixSourceConfig
 from clip_med.data.sources.synthetic import SyntheticSourceConfig
 from clip_med.data.writer import ShardConfig
-from clip_med.models import ModelConfig, create_model
+from clip_med.modeling.factory import ModelConfig, create_model
 from clip_med.training.config import TrainConfig
 
 TINY = dict(name="medclip-tiny", image_size=32)

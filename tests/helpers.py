@@ -12,7 +12,7 @@ from clip_med.data.loader import LoaderConfig
 from clip_med.data.sources.synthetic import SyntheticSourceConfig
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.evaluator import EvalConfig
-from clip_med.models import ModelConfig
+from clip_med.modeling.factory import ModelConfig
 from clip_med.training.config import DataConfig, TrainConfig, TrainerConfig
 from clip_med.training.optim import OptimConfig
 

@@ -16,13 +16,13 @@ import clip_med
 from clip_med.data.images import EncodeOptions, ImageLimits, ImageRejected, prepare_image
 from clip_med.data.sources.medpix import MedPixSourceConfig
 from clip_med.data.writer import ShardConfig
-from clip_med.eval.checkpoint_eval import EvaluateConfig, evaluate_checkpoint
 from clip_med.eval.datasets import eval_shard_dir
 from clip_med.eval.evaluator import EvalConfig
 from clip_med.eval.zero_shot import label_prompts, zero_shot_weights
+from clip_med.inference.evaluation import EvaluateConfig, evaluate_checkpoint
 from clip_med.inference.inputs import load_image
-from clip_med.inference.loading import CheckpointError, Preprocessing
-from clip_med.models import ModelConfig, create_model
+from clip_med.modeling.checkpoint import CheckpointError, Preprocessing
+from clip_med.modeling.factory import ModelConfig, create_model
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_load_recreates_the_trained_model(model, checkpoint):
     assert (model.name, model.info.step, model.dim, model.bundle.image_size) == ("medclip-tiny", 5, 128, 32)
     assert not model.model.training
     assert model.labels == {}  # no run report, no manifest: the taxonomy's classes
-    assert model.task_labels("modality") == clip_med.taxonomy.get_task("modality").ids
+    assert model.task_labels("modality") == clip_med.labels.taxonomy.get_task("modality").ids
 
 
 def test_default_classes_come_from_the_run_report(tmp_path):
@@ -163,7 +163,7 @@ def test_embeddings_are_normalised_and_batch_independent(model):
 def test_zero_shot_uses_the_evaluation_prompts_and_temperature(model):
     image = gradient()
     result = model.classify(image, task="anatomy")
-    classes = clip_med.taxonomy.get_task("anatomy").ids
+    classes = clip_med.labels.taxonomy.get_task("anatomy").ids
     weights = zero_shot_weights(model.model, model.tokenizer, label_prompts("anatomy", classes), "cpu")
     logits = 100.0 * model.embed_images(image) @ weights
     expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from clip_med.hydra_config import CONF_DIR, register_schemas, to_object
+from clip_med.cli.config import CONF_DIR, register_schemas, to_object
 from clip_med.training.config import TrainConfig
 
 register_schemas()

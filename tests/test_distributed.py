@@ -98,8 +98,8 @@ def _driver(out: Path, settings: dict) -> None:
 
 def _prepare_then_truncate(prepare, victim: int):
     """Rank 0 writes the shards, then cuts in half the first shard ``victim`` reads in epoch 1."""
+    from clip_med.core import distributed
     from clip_med.data.loader import assign_shards, worker_shards
-    from clip_med.training import distributed
 
     def prepare_then_truncate(cfg, info):
         shard_set = prepare(cfg, info)
@@ -135,8 +135,9 @@ def _samples_by_key(urls: list[str]) -> dict[str, dict]:
 
 def _reference_params(out: Path, settings: dict, rank_steps: list[list]) -> dict[str, torch.Tensor]:
     """One process, fed rank 0's then rank 1's samples as one batch per step."""
+    from clip_med.core import distributed
+    from clip_med.training import trainer
     from clip_med.data.loader import to_sample
-    from clip_med.training import distributed, trainer
     from clip_med.training.optim import create_scheduler
     from clip_med.training.step import apply_update, finite_flag, forward_backward, skip_update
 
@@ -241,8 +242,8 @@ def test_a_rank_that_runs_short_of_data_ends_the_epoch_for_all_without_hanging(t
 
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_accumulated_gradients_equal_one_big_batch(tmp_path, loss_name):
-    from clip_med.losses import LossConfig, create_loss, model_kwargs_for
-    from clip_med.models import ModelConfig, create_model
+    from clip_med.modeling.factory import ModelConfig, create_model
+    from clip_med.modeling.losses import LossConfig, create_loss, model_kwargs_for
     from clip_med.training.step import StepParts, forward_backward
 
     register_vit_test(tmp_path)

@@ -8,20 +8,20 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import MissingMandatoryValue
 
-from clip_med.cli_common import register_command
+from clip_med.cli.common import register_command
+from clip_med.cli.config import CONF_DIR, to_object
 from clip_med.data.sources import all_sources
-from clip_med.eval.checkpoint_eval import EvaluateConfig, evaluate_checkpoint
 from clip_med.eval.datasets import ShardsData
 from clip_med.eval.evaluator import EvalConfig
-from clip_med.hydra_config import CONF_DIR, to_object
 from clip_med.inference.commands import ClassifyConfig, EmbedConfig, SearchConfig
+from clip_med.inference.evaluation import EvaluateConfig, evaluate_checkpoint
 from clip_med.inference.service import ServeConfig
 
 COMMANDS = {"evaluate": EvaluateConfig, "classify": ClassifyConfig, "embed": EmbedConfig, "search": SearchConfig,
             "serve": ServeConfig}
 for _name, _schema in COMMANDS.items():
     register_command(_name, _schema)
-from clip_med.eval.probe_fit import ProbeConfig  # noqa: E402
+from clip_med.inference.probing import ProbeConfig  # noqa: E402
 
 register_command("probe", ProbeConfig)
 

@@ -16,12 +16,12 @@ from helpers import tiny_train_config, write_png
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from clip_med.cli.config import CONF_DIR, to_object
 from clip_med.data.transforms import create_transform
-from clip_med.hydra_config import CONF_DIR, to_object
-from clip_med.losses import LossConfig, model_kwargs_for
-from clip_med.models import ModelConfig, create_model
+from clip_med.modeling.export import ExportConfig, ExportError, export_checkpoint
+from clip_med.modeling.factory import ModelConfig, create_model
+from clip_med.modeling.losses import LossConfig, model_kwargs_for
 from clip_med.training.checkpoint import rng_state, save_checkpoint
-from clip_med.training.export import ExportConfig, ExportError, export_checkpoint
 from clip_med.training.state import TrainState, checkpoint_payload
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from clip_med.text_labels import anatomy_from_text, labels_for_texts, labels_from_text, modality_from_text
+from clip_med.labels.caption_rules import anatomy_from_text, labels_for_texts, labels_from_text, modality_from_text
 
 
 @pytest.mark.parametrize("caption,expected", [

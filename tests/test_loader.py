@@ -18,7 +18,7 @@ from clip_med.data.shardset import prepare_shards
 from clip_med.data.sources.synthetic import SyntheticSourceConfig
 from clip_med.data.transforms import create_transform
 from clip_med.data.writer import ShardConfig
-from clip_med.models import ModelConfig, create_model
+from clip_med.modeling.factory import ModelConfig, create_model
 
 
 @pytest.fixture(scope="module")

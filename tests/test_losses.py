@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clip_med.losses import LossConfig, create_loss, model_kwargs_for, total_loss
+from clip_med.modeling.losses import LossConfig, create_loss, model_kwargs_for, total_loss
 
 
 def test_clip_loss_matches_hand_computation():

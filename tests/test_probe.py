@@ -10,9 +10,9 @@ import clip_med
 from clip_med.eval.datasets import ShardsData, open_data
 from clip_med.eval.embeddings import embed_split
 from clip_med.eval.linear_probe import FittedProbe, fit_probe
-from clip_med.eval.probe_fit import ProbeConfig, probe_checkpoint
 from clip_med.eval.probe_head import HeadError, ProbeHead
 from clip_med.inference.inputs import load_image
+from clip_med.inference.probing import ProbeConfig, probe_checkpoint
 
 
 def _blobs(n_classes, n=60, d=8, seed=0):

@@ -13,9 +13,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
+from clip_med.cli.config import CONF_DIR, register_schemas, to_object
 from clip_med.data.shardset import ShardCommandConfig, shard_source
 from clip_med.data.sources.roco import RocoSourceConfig
-from clip_med.hydra_config import CONF_DIR, register_schemas, to_object
 
 ROOT = Path(__file__).resolve().parents[1]
 ConfigStore.instance().store(name="shard_schema", node=ShardCommandConfig)

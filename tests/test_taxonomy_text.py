@@ -1,8 +1,8 @@
 import pytest
 
-from clip_med import taxonomy
 from clip_med.data.text import decode_caption, render_text
 from clip_med.eval.zero_shot import label_prompts
+from clip_med.labels import taxonomy
 
 
 @pytest.mark.parametrize("task,value,expected", [

@@ -116,7 +116,7 @@ def _weights(cfg):
 
 
 def test_locked_image_tower_stays_fixed_while_the_text_tower_learns(tmp_path):
-    from clip_med.models import create_model
+    from clip_med.modeling.factory import create_model
 
     cfg = tiny_train_config(tmp_path)
     cfg.model.lock_image = True

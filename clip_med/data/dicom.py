@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clip_med import taxonomy
 from clip_med.data.images import ImageLimits, ImageRejected, check_dimensions, check_file
 from clip_med.data.record import SkipReason
-from clip_med.text_labels import anatomy_from_text, modality_from_text
+from clip_med.labels import taxonomy
+from clip_med.labels.caption_rules import anatomy_from_text, modality_from_text
 
 log = logging.getLogger(__name__)
 

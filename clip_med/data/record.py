@@ -31,7 +31,7 @@ class Record:
     problem_detail: str = ""
     # Where each label came from: "metadata" (a source field or DICOM tag), "description" (DICOM
     # study/series descriptions through the caption rules), "caption" (the rules of
-    # clip_med.text_labels), "folder" (a class-folder name), "config" (source.labels) or "none".
+    # clip_med.labels.caption_rules), "folder" (a class-folder name), "config" (source.labels) or "none".
     label_origin: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -33,6 +33,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
+from clip_med.core.processes import spawn_pool
 from clip_med.data.images import EncodeOptions, ImageJob, ImageLimits, PreparedImage, run_image_job
 from clip_med.data.manifest import (
     Manifest,
@@ -42,7 +43,6 @@ from clip_med.data.manifest import (
     manifest_is_current,
     save_manifest,
 )
-from clip_med.data.processes import spawn_pool
 from clip_med.data.record import Record, SkipReason
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _prepared_stream(records: list[Record], start: int, cfg: ShardConfig, pool) 
 
 @contextlib.contextmanager
 def worker_pool(workers: int):
-    """A process pool (see :mod:`clip_med.data.processes`), or None for in-process work (``workers <= 0``)."""
+    """A process pool (see :mod:`clip_med.core.processes`), or None for in-process work (``workers <= 0``)."""
     if workers <= 0:
         yield None
         return

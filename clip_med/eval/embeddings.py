@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clip_med.core.precision import autocast_context
 from clip_med.data.loader import create_eval_loader
 
 
@@ -25,12 +25,6 @@ class Embedded:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def autocast_context(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
 
-from clip_med import taxonomy
 from clip_med.data.text import template_fields
+from clip_med.labels import taxonomy
 
 # The temperature CLIP applies to cosine similarities before the softmax.
 ZERO_SHOT_LOGIT_SCALE = 100.0

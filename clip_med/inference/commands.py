@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from clip_med.eval.checkpoint_eval import REQUIRED, ModelOptions
+from clip_med.core import distributed
+from clip_med.inference.evaluation import REQUIRED, ModelOptions
 from clip_med.inference.extract import ExtractConfig, extract
 from clip_med.inference.index import TEXT_EMBEDDINGS, IndexConfig, SearchIndex, paired_recall, write_index
 from clip_med.inference.results import Classification, SearchHit
-from clip_med.training import distributed
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clip_med import taxonomy
+from clip_med.core import distributed
 from clip_med.data.loader import IMAGE_KEYS, ErrorCounter, expand_urls
 from clip_med.data.manifest import MANIFEST_SUFFIX, write_json_atomic
 from clip_med.inference.index import (
@@ -50,7 +50,7 @@ from clip_med.inference.index import (
     IndexConfig,
     write_index,
 )
-from clip_med.training import distributed
+from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
 

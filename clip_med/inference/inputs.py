@@ -35,7 +35,7 @@ from clip_med.data.images import (
     rescale_to_uint8,
 )
 from clip_med.data.record import SkipReason
-from clip_med.inference.loading import Preprocessing
+from clip_med.modeling.checkpoint import Preprocessing
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 

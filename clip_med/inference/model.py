@@ -21,25 +21,25 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from clip_med import taxonomy
+from clip_med.core.distributed import pick_device
+from clip_med.core.precision import autocast_context
 from clip_med.data.images import ImageRejected
 from clip_med.data.manifest import load_manifest
 from clip_med.data.transforms import create_transform
 from clip_med.data.writer import ShardConfig
-from clip_med.eval.embeddings import autocast_context
 from clip_med.eval.probe_head import ProbeHead
 from clip_med.eval.zero_shot import label_prompts, zero_shot_probabilities, zero_shot_weights
 from clip_med.inference.inputs import ImageInput, as_batch, describe, load_image
-from clip_med.inference.loading import (
+from clip_med.inference.results import Classification, SearchHit, Skipped
+from clip_med.labels import taxonomy
+from clip_med.modeling.checkpoint import (
     CheckpointInfo,
     Preprocessing,
     load_bundle,
     shard_preprocessing,
     weights_fingerprint,
 )
-from clip_med.inference.results import Classification, SearchHit, Skipped
-from clip_med.models import ModelBundle
-from clip_med.training.distributed import pick_device
+from clip_med.modeling.factory import ModelBundle
 
 log = logging.getLogger(__name__)
 

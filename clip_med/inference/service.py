@@ -27,8 +27,8 @@ from PIL import Image
 
 from clip_med.data.images import ImageLimits, ImageRejected
 from clip_med.data.record import SkipReason
-from clip_med.eval.checkpoint_eval import ModelOptions
 from clip_med.eval.probe_head import HeadError, ProbeHead
+from clip_med.inference.evaluation import ModelOptions
 from clip_med.inference.index import IndexFolderError, SearchIndex
 from clip_med.inference.inputs import load_image, sniff
 

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clip_med.modeling.checkpoint import (  # noqa: F401  (re-exported: the trainer's API)
+    checkpoint_dir,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-_NAME = re.compile(r"step-(\d{8})\.pt")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
-
 
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -116,59 +114,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _NAME.fullmatch(path.name))]
-    return [path for _, path in sorted(found)]
-
-
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for path in list_checkpoints(run_dir)[:-keep_last]:
         path.unlink(missing_ok=True)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``: no arbitrary objects are ever unpickled."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """Resolve ``resume`` (``latest``, a checkpoint file or a run folder) to a loadable checkpoint.
-
-    ``latest`` looks in this run's folder, then in sibling run folders (Hydra gives each
-    invocation its own folder under ``runs/<run_name>/``), most recently written first, and skips a file
-    that cannot be read (with a warning) in favour of the one before it.
-    """
-    if resume != "latest":
-        path = Path(resume)
-        if path.is_dir():  # a run folder: its newest readable checkpoint
-            return _newest_readable(list_checkpoints(path))
-        if not path.is_file():
-            raise FileNotFoundError(f"resume={resume}: no such checkpoint file or run folder")
-        return path, load_checkpoint(path)
-    run_dir = Path(run_dir)
-    candidates = list_checkpoints(run_dir)
-    if not candidates and run_dir.parent.is_dir():
-        siblings = [sibling for sibling in run_dir.parent.iterdir() if sibling.is_dir() and sibling != run_dir]
-        candidates = sorted((path for sibling in siblings for path in list_checkpoints(sibling)),
-                            key=lambda path: path.stat().st_mtime)
-    return _newest_readable(candidates)
-
-
-def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
-    for path in reversed(candidates):
-        try:
-            return path, load_checkpoint(path)
-        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-            log.warning("checkpoint %s cannot be read (%s); trying an older one", path, exc)
-    return None

@@ -9,8 +9,8 @@ from clip_med.data.loader import LoaderConfig
 from clip_med.data.transforms import AugmentConfig
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.evaluator import EvalConfig
-from clip_med.losses import LossConfig
-from clip_med.models import ModelConfig
+from clip_med.modeling.factory import ModelConfig
+from clip_med.modeling.losses import LossConfig
 from clip_med.training.optim import OptimConfig
 
 

@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from clip_med.core import distributed
 from clip_med.data.shardset import ShardSet
 from clip_med.data.transforms import create_transform
 from clip_med.eval.embeddings import embed_split
 from clip_med.eval.evaluator import evaluate_embeddings
 from clip_med.eval.report import write_report
-from clip_med.models import ModelBundle
-from clip_med.training import distributed
+from clip_med.modeling.factory import ModelBundle
 from clip_med.training.config import TrainConfig
 from clip_med.training.metrics_log import MetricsLogger
 

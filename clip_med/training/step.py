@@ -20,8 +20,8 @@ from typing import Any, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from clip_med.eval.embeddings import autocast_context
-from clip_med.losses import total_loss
+from clip_med.core.precision import autocast_context
+from clip_med.modeling.losses import total_loss
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from clip_med.core import distributed
 from clip_med.data.loader import create_train_loader, effective_workers, steps_per_epoch
 from clip_med.data.shardset import ShardSet, open_shard_set, prepare_shards
 from clip_med.data.transforms import create_transform
-from clip_med.losses import create_loss, model_kwargs_for
-from clip_med.models import ModelBundle, count_parameters, create_model
-from clip_med.training import distributed
+from clip_med.modeling.factory import ModelBundle, count_parameters, create_model
+from clip_med.modeling.losses import create_loss, model_kwargs_for
 from clip_med.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from clip_med.training.config import TrainConfig
 from clip_med.training.evaluation import evaluate_run

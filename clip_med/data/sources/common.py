@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from clip_med import taxonomy
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import SourceConfig
 from clip_med.data.text import decode_caption, render_text
-from clip_med.text_labels import labels_for_texts
+from clip_med.labels import taxonomy
+from clip_med.labels.caption_rules import labels_for_texts
 
 TASKS = ("modality", "anatomy")
 IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"]

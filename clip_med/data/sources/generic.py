@@ -18,7 +18,7 @@
     and ``class_task`` says which taxonomy task the class folders name, if any.
 
 Labels not given by a column, tag or folder come from the caption rules
-(:mod:`clip_med.text_labels`).
+(:mod:`clip_med.labels.caption_rules`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from clip_med import taxonomy
 from clip_med.data.images import ImageRejected
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import register_source
@@ -50,6 +49,7 @@ from clip_med.data.sources.common import (
     split_records,
     validated_labels,
 )
+from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from clip_med import taxonomy
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import SourceConfig, register_source
 from clip_med.data.text import clean_caption, render_text
+from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
 

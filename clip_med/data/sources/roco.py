@@ -18,7 +18,7 @@ whose image was never downloaded stay in the records (the writer counts and list
 
 Keywords, semantic types, CUIs, the licence, the PMC id, the archive link and the image's name
 in the paper are kept as sample metadata. Labels come from the caption rules
-(:mod:`clip_med.text_labels`); the PMC id is the group key, so the held-out probe never splits a
+(:mod:`clip_med.labels.caption_rules`); the PMC id is the group key, so the held-out probe never splits a
 paper.
 """
 

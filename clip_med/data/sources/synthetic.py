@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFilter
 
-from clip_med import taxonomy
 from clip_med.data.images import ImageLimits, check_dimensions
 from clip_med.data.record import Record
 from clip_med.data.sources import SourceConfig, register_source
 from clip_med.data.text import render_text
+from clip_med.labels import taxonomy
 
 CAPTION_TEMPLATES = (
     "{modality} of the {anatomy} showing {finding}.",

@@ -22,7 +22,7 @@ The rules favour precision: a caption gets a label only when the evidence points
    caption counts, and again exactly one region must be named.
 
 Acronyms (``CT``, ``MRI``, ``US``, ``PET``) are matched case-sensitively; words are not. The
-anatomy labels follow :mod:`clip_med.taxonomy`: the pelvis belongs to ``urogenital`` (as in
+anatomy labels follow :mod:`clip_med.labels.taxonomy`: the pelvis belongs to ``urogenital`` (as in
 MedPix), the breast to ``thorax``, bones and joints of the limbs to ``spine_msk``.
 """
 
@@ -32,7 +32,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from clip_med.taxonomy import UNKNOWN
+from clip_med.labels.taxonomy import UNKNOWN
 
 _I = re.IGNORECASE
 
@@ -362,7 +362,7 @@ def labels_for_texts(texts: list[str], workers: int | None = None, progress: boo
 
     from tqdm.auto import tqdm
 
-    from clip_med.data.processes import spawn_pool
+    from clip_med.core.processes import spawn_pool
 
     workers = (os.cpu_count() or 1) if workers is None else workers
     if len(texts) < parallel_from or workers <= 1:

@@ -19,7 +19,6 @@ import numpy as np
 
 from clip_med.data.manifest import write_json_atomic
 from clip_med.data.writer import ShardConfig
-from clip_med.eval.checkpoint_eval import ModelOptions, embed_data_split, load_model_and_data
 from clip_med.eval.datasets import EvalData
 from clip_med.eval.embeddings import Embedded
 from clip_med.eval.evaluator import EvalConfig, task_labels
@@ -27,6 +26,7 @@ from clip_med.eval.linear_probe import DEFAULT_CS, fit_probe
 from clip_med.eval.metrics import classification_metrics
 from clip_med.eval.probe_head import ProbeHead
 from clip_med.eval.report import classification_table, plot_confusion
+from clip_med.inference.evaluation import ModelOptions, embed_data_split, load_model_and_data
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """open_clip models by name, plus clip_med's small configurations for CPU training.
 
-clip_med's own architectures live as open_clip JSON configs in ``clip_med/models/configs``
+clip_med's own architectures live as open_clip JSON configs in ``clip_med/modeling/configs``
 and are registered with open_clip on import, so ``open_clip.create_model("medclip-small")``
 works too.
 """

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ import open_clip
 import torch
 
 from clip_med.data.images import ImageLimits
-from clip_med.losses import LossConfig, model_kwargs_for
-from clip_med.models import ModelBundle, ModelConfig, create_model, model_config
+from clip_med.modeling.factory import ModelBundle, ModelConfig, create_model, model_config
+from clip_med.modeling.losses import LossConfig, model_kwargs_for
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def read_weights_file(path: Path) -> Any:
                               f"{exc})") from None
 
 
-def _is_clip_med(payload: Any) -> bool:
+def is_clip_med_checkpoint(payload: Any) -> bool:
     return isinstance(payload, dict) and "state_dict" in payload and "model_name" in payload
 
 
@@ -159,8 +160,14 @@ def load_bundle(checkpoint: str | Path, model_name: str | None = None, image_siz
                                                                                                  CheckpointInfo]:
     """Recreate the model of ``checkpoint`` with its weights, in eval mode."""
     path = Path(checkpoint).expanduser()
-    payload = read_weights_file(path)
-    if _is_clip_med(payload):
+    return bundle_from_payload(read_weights_file(path), path, model_name, image_size, context_length, device)
+
+
+def bundle_from_payload(payload: Any, path: Path, model_name: str | None = None, image_size: int | None = None,
+                        context_length: int | None = None,
+                        device: torch.device | str = "cpu") -> tuple[ModelBundle, CheckpointInfo]:
+    """The one way clip_med rebuilds a model from a checkpoint's contents (inference, evaluation, export)."""
+    if is_clip_med_checkpoint(payload):
         cfg = _model_config_from(payload, model_name)
         config = payload.get("config") or {}
         with _weights_follow():
@@ -215,3 +222,62 @@ def shard_preprocessing(info: CheckpointInfo) -> Preprocessing:
     """The shard options of the training run (defaults for open_clip checkpoints)."""
     shards = info.config.get("shards") or {}
     return Preprocessing.from_shard_options({key: shards[key] for key in PIXEL_OPTIONS if key in shards})
+
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"step-(\d{8})\.pt")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """A checkpoint's payload, read with ``weights_only=True`` (see :func:`read_weights_file`)."""
+    return read_weights_file(Path(path))
+
+
+def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """Resolve ``resume`` (``latest``, a checkpoint file or a run folder) to a loadable checkpoint.
+
+    ``latest`` looks in this run's folder, then in sibling run folders (Hydra gives each
+    invocation its own folder under ``runs/<run_name>/``), most recently written first, and skips a file
+    that cannot be read (with a warning) in favour of the one before it.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        if path.is_dir():  # a run folder: its newest readable checkpoint
+            return _newest_readable(list_checkpoints(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint file or run folder")
+        return path, load_checkpoint(path)
+    run_dir = Path(run_dir)
+    candidates = list_checkpoints(run_dir)
+    if not candidates and run_dir.parent.is_dir():
+        siblings = [sibling for sibling in run_dir.parent.iterdir() if sibling.is_dir() and sibling != run_dir]
+        candidates = sorted((path for sibling in siblings for path in list_checkpoints(sibling)),
+                            key=lambda path: path.stat().st_mtime)
+    return _newest_readable(candidates)
+
+
+def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            log.warning("checkpoint %s cannot be read (%s); trying an older one", path, exc)
+    return None

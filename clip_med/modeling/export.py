@@ -28,9 +28,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from clip_med.losses import LossConfig, model_kwargs_for
-from clip_med.models import ModelBundle, ModelConfig, create_model
-from clip_med.training.checkpoint import find_resume_checkpoint
+from clip_med.modeling.checkpoint import bundle_from_payload, find_resume_checkpoint, is_clip_med_checkpoint
+from clip_med.modeling.factory import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +57,10 @@ def _load_training_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
     if found is None:
         raise ExportError(f"checkpoint={path}: no readable checkpoint there")
     source, payload = found
-    if not (isinstance(payload, dict) and "state_dict" in payload and "model_name" in payload):
+    if not is_clip_med_checkpoint(payload):
         raise ExportError(f"{source} is not a clip_med training checkpoint (it has no model name): if it is an "
                           "open_clip state dict already, load it with open_clip.create_model(<name>, pretrained=...)")
     return source, payload
-
-
-class _RandomInitIsReplaced(logging.Filter):
-    """open_clip warns that the model it builds is randomly initialised; the checkpoint's weights follow."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-def _rebuild(payload: dict[str, Any]) -> ModelBundle:
-    """The checkpoint's model, as clip_med trained it, with its weights, in eval mode."""
-    config = payload.get("config") or {}
-    model = config.get("model") or {}
-    loss = LossConfig(name=(config.get("loss") or {}).get("name", "clip"))
-    cfg = ModelConfig(name=payload["model_name"], image_size=model.get("image_size"),
-                      context_length=model.get("context_length"))
-    quiet = _RandomInitIsReplaced()
-    logging.getLogger().addFilter(quiet)
-    try:
-        bundle = create_model(cfg, "cpu", **model_kwargs_for(loss))
-    finally:
-        logging.getLogger().removeFilter(quiet)
-    bundle.model.load_state_dict(payload["state_dict"])
-    bundle.model.eval()
-    return bundle
 
 
 def open_clip_configs(bundle: ModelBundle, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -128,7 +102,7 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ExportError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
-    bundle = _rebuild(payload)
+    bundle, _ = bundle_from_payload(payload, source)
     state_dict = {key: value.detach().contiguous() for key, value in bundle.model.state_dict().items()}
     configs = open_clip_configs(bundle, state_dict)
     _check_tokenizer(configs["model_cfg"])

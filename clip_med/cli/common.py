@@ -20,10 +20,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from omegaconf.errors import MissingMandatoryValue
 
+from clip_med.cli.config import CONF_DIR, register_schemas
 from clip_med.data.images import ImageRejected
 from clip_med.data.sources import all_sources
 from clip_med.eval.datasets import ShardsData
-from clip_med.hydra_config import CONF_DIR, register_schemas
 
 _DATA_FIELDS = (("split", Optional[str], None), ("train_split", Optional[str], "train"))
 

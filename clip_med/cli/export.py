@@ -1,0 +1,33 @@
+"""``python -m clip_med.export checkpoint=<checkpoint or run folder> out=<folder>``: open_clip-loadable weights.
+
+Writes safetensors weights and an open_clip config, then checks that plain open_clip loads the
+folder back with the same weights and embeddings (see clip_med.modeling.export).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from clip_med.cli.config import register_schemas, setup_logging, to_object
+from clip_med.modeling.export import INFO, ExportConfig, export_checkpoint
+
+log = logging.getLogger("clip_med.export")
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    out = export_checkpoint(to_object(cfg))
+    print(f"exported to {out}")
+    print((out / INFO).read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
