@@ -30,5 +30,7 @@ def test_medpix_without_data_says_how_to_get_it(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run([sys.executable, "-m", "clip_med.train", "+exp=medpix", f"hydra.run.dir={tmp_path}"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "github.com/CHILab1/MedPix-2.0" in result.stderr and "MEDPIX_ROOT" in result.stderr
+    # one line, no traceback (tests/test_cli_errors.py: every command)
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1

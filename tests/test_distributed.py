@@ -136,8 +136,8 @@ def _samples_by_key(urls: list[str]) -> dict[str, dict]:
 def _reference_params(out: Path, settings: dict, rank_steps: list[list]) -> dict[str, torch.Tensor]:
     """One process, fed rank 0's then rank 1's samples as one batch per step."""
     from clip_med.core import distributed
-    from clip_med.training import trainer
     from clip_med.data.loader import to_sample
+    from clip_med.training import trainer
     from clip_med.training.optim import create_scheduler
     from clip_med.training.step import apply_update, finite_flag, forward_backward, skip_update
 

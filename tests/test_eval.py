@@ -113,3 +113,16 @@ def test_report_files(tmp_path):
     paths = write_report(report, tmp_path)
     assert paths["confusion_zero_shot_modality"].stat().st_size > 1000
     assert "| zero_shot | modality | 4 | 1.000" in paths["md"].read_text()
+
+
+def test_auroc_with_two_of_three_labels_present():
+    """Three labels, two of them in the truth: scikit-learn's binary case (used to raise)."""
+    import numpy as np
+
+    from clip_med.eval.metrics import classification_metrics
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    result = classification_metrics(["a", "b", "a", "b"], probs, ["a", "b", "c"])
+    assert result["auroc"] == 1.0
+    flipped = classification_metrics(["b", "a", "b", "a"], probs, ["a", "b", "c"])
+    assert flipped["auroc"] == 0.0

@@ -163,7 +163,7 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_write_then_resume_matches(base):
     assert _assert_latest_loads(run_dir) == 3 and max(_losses(run_dir)) == 5
     # 2. Resumed, then killed half-way through writing the checkpoint of step 9.
     _run_killed(base, {**settings, "resume": True, "kill": {"in_write_of_step": 9}})
-    assert list((run_dir / "checkpoints").glob(".step-00000009.pt.tmp")), "the kill was not mid-write"
+    assert list((run_dir / "checkpoints").glob(".step-00000009.pt.*.tmp")), "the kill was not mid-write"
     assert _assert_latest_loads(run_dir) == 6
     # 3. Resumed, killed again in epoch 2 after the checkpoint of step 9.
     _run_killed(base, {**settings, "resume": True, "kill": {"at_step": 11}})
@@ -179,7 +179,7 @@ def test_external_sigkill_while_a_checkpoint_is_written(base):
     process = _start(base, settings)
     deadline = time.monotonic() + 240
     # Wait until the checkpoint of step 9 is being written, then kill the process group from outside.
-    while not list((run_dir / "checkpoints").glob(".step-00000009.pt.tmp")):
+    while not list((run_dir / "checkpoints").glob(".step-00000009.pt.*.tmp")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)

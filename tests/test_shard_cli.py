@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
-from clip_med.cli.config import CONF_DIR, register_schemas, to_object
+from clip_med.cli.config import CONF_DIR, to_object
+from clip_med.cli.shard import register
 from clip_med.data.shardset import ShardCommandConfig, shard_source
 from clip_med.data.sources.roco import RocoSourceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ConfigStore.instance().store(name="shard_schema", node=ShardCommandConfig)
-register_schemas()
+register()  # the shard command's own schemas
 
 
 def _compose(overrides=(), config="shard"):

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
 from clip_med.data.dicom import apply_window, dicom_tags, read_dicom_file
@@ -130,3 +131,54 @@ def test_size_guard_runs_before_decoding(tmp_path):
     with pytest.raises(ImageRejected) as caught:
         read_dicom_file(path, ImageLimits(), None)
     assert caught.value.reason == SkipReason.TOO_MANY_PIXELS and "30000x30000" in caught.value.detail
+
+
+# clip_med keeps its own rescale for what pydicom's apply_modality_lut does not read (an enhanced
+# file's functional groups) and feeds pydicom's apply_windowing a 0..1 output range: both must
+# agree with pydicom on files pydicom handles itself.
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_functional_group_rescale_matches_pydicom(name):
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+    from pydicom.sequence import Sequence
+
+    from clip_med.data.dicom import _modality_lut
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.RescaleSlope, ds.RescaleIntercept = ds.get("RescaleSlope") or 1.5, ds.get("RescaleIntercept") or -7.0
+    stored = ds.pixel_array
+    expected = apply_modality_lut(stored, ds)
+    assert np.array_equal(_modality_lut(stored, ds), expected)  # pydicom's own path
+    item = Dataset()
+    item.RescaleSlope, item.RescaleIntercept = ds.RescaleSlope, ds.RescaleIntercept
+    del ds.RescaleSlope, ds.RescaleIntercept
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = Sequence([item])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    assert np.array_equal(apply_modality_lut(stored, ds), stored)  # pydicom does not look there ...
+    assert np.array_equal(_modality_lut(stored, ds), expected)  # ... clip_med does, with the same numbers
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_window_matches_pydicom_on_the_file_itself(tmp_path, name, function):
+    from pydicom.pixels import apply_modality_lut, apply_windowing
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    center, width = float(np.median(values)), float(values.max() - values.min()) / 3
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = center, width, function
+    ours = apply_window(values, center, width, function)
+    # pydicom's output spans the file's value range (Bits Stored, signedness, rescale): map it to 0..1.
+    signed = int(ds.PixelRepresentation) == 1
+    low, high = (-(2 ** (ds.BitsStored - 1)), 2 ** (ds.BitsStored - 1) - 1) if signed else (0, 2 ** ds.BitsStored - 1)
+    if "RescaleSlope" in ds:
+        low, high = low * ds.RescaleSlope + ds.RescaleIntercept, high * ds.RescaleSlope + ds.RescaleIntercept
+    theirs = (apply_windowing(values, ds) - low) / (high - low)
+    assert 0.0 <= ours.min() and ours.max() <= 1.0 and ours.std() > 0
+    assert np.allclose(ours, theirs, rtol=0, atol=1e-9)
+    ds.save_as(tmp_path / name)
+    image, _ = read_dicom_file(str(tmp_path / name), ImageLimits(), None)
+    assert np.array_equal(np.asarray(image), np.round(ours * 255).astype(np.uint8))

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from clip_med.cli.common import register_command, user_errors
+from clip_med.cli.common import command, register_command
 from clip_med.cli.config import setup_logging, to_object
 from clip_med.inference.commands import ClassifyConfig, format_classification, run_classify
 
 register_command("classify", ClassifyConfig)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="classify")
-@user_errors
+@command("classify")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     config: ClassifyConfig = to_object(cfg)

@@ -1,4 +1,9 @@
-"""Hydra glue shared by the model-use commands (evaluate, probe, embed, search, serve, classify).
+"""Hydra glue shared by the commands: :func:`command`, the one entry-point wrapper, and the data options.
+
+:func:`command` makes every command fail like a tool: a user's mistake (a missing data set, a
+misspelt key, a bad checkpoint, ...) is one ``error:`` line on stderr and exit status 2; a bug
+keeps its traceback; ``HYDRA_FULL_ERROR=1`` shows the full traceback of any error. It also lets
+``exp=<name>`` stand for ``+exp=<name>``.
 
 The ``data`` config group: ``data=<source>`` is that source's own config (``conf/source/``)
 plus ``split`` and ``train_split``, so ``data=medpix data.root=/path data.split=test`` works for
@@ -9,21 +14,24 @@ A source without a ``conf/data/<name>.yaml`` gets its data option generated here
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import os
 import sys
 import typing
 from collections.abc import Callable
 from dataclasses import field, make_dataclass
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
+import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
 from omegaconf import MISSING
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from clip_med.cli.config import CONF_DIR, register_schemas
 from clip_med.data.images import ImageRejected
 from clip_med.data.sources import all_sources
-from clip_med.eval.datasets import ShardsData
 
 _DATA_FIELDS = (("split", Optional[str], None), ("train_split", Optional[str], "train"))
 
@@ -43,6 +51,8 @@ def data_schema(config_class: type) -> type:
 
 
 def register_data_options() -> None:
+    from clip_med.eval.datasets import ShardsData  # imports torch: not at module level (see command)
+
     store = ConfigStore.instance()
     store.store(group="data", name="shards_schema", node=ShardsData)
     for name, spec in all_sources().items():
@@ -61,18 +71,143 @@ def register_command(name: str, schema: type) -> None:
 
 
 # Errors that mean "the command was asked for something impossible": a message, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, ImageRejected, MissingMandatoryValue)
+# clip_med's own error classes are ValueErrors (CheckpointError, ExportError, HeadError, IndexFolderError,
+# ManifestError, UnknownName, ...), except ImageRejected. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+    ImageRejected, MissingMandatoryValue,
+)
+FULL_ERROR = "HYDRA_FULL_ERROR"
+_HINT = f"[{FULL_ERROR}=1 shows the traceback]"
+
+
+def _full_error() -> bool:
+    return os.environ.get(FULL_ERROR, "") not in ("", "0")
+
+
+def fail(message: object, status: int = 2) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit with ``status``."""
+    print(f"error: {' '.join(str(message).split())} {_HINT}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 def user_errors(main: Callable) -> Callable:
-    """Print a user error (bad path, bad key, bad checkpoint, ...) as one line and exit with status 2."""
+    """Run the job ``main(cfg)``, reporting a user error (bad path, bad key, bad checkpoint, ...) as one
+    line with exit status 2 (or, with ``HYDRA_FULL_ERROR=1``, raising it for Hydra to show in full)."""
 
     @functools.wraps(main)
-    def wrapper(cfg):
+    def wrapper(cfg: Any) -> Any:
+        _restore_full_error()
         try:
             return main(cfg)
         except USER_ERRORS as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            if _full_error():
+                raise
+            fail(exc)
 
     return wrapper
+
+
+def command(config_name: str, register: Callable[[], None] | None = None) -> Callable[[Callable], Callable]:
+    """The entry point of one command: ``@command("train")`` on ``def main(cfg: DictConfig)``.
+
+    ``main()`` then runs it as ``@hydra.main`` does (its config ``conf/<config_name>.yaml``,
+    overrides from ``sys.argv``), but as a tool: a user error (in composing the config, say a
+    misspelt key, or in the job) is one ``error:`` line and exit status 2, a bug a traceback.
+    ``exp=<name>`` is read as ``+exp=<name>``. ``register`` (storing the command's schemas) runs
+    first; the shard command registers there rather than at import time, to keep its worker
+    processes light. ``main(cfg)`` runs the job on a composed config, as Hydra's decorator allows.
+    """
+
+    def decorate(job: Callable) -> Callable:
+        hydra_main = hydra.main(version_base="1.3", config_path="pkg://clip_med.conf",
+                                config_name=config_name)(user_errors(job))
+
+        @functools.wraps(job)
+        def main(cfg: Any = None) -> Any:
+            if cfg is not None:
+                return hydra_main(cfg)
+            return run_as_tool(hydra_main, register)
+
+        return main
+
+    return decorate
+
+
+def normalise_overrides(overrides: list[str]) -> list[str]:
+    """``exp=<name>`` -> ``+exp=<name>``: an experiment is not in any defaults list, so Hydra only
+    takes it appended; lightning-hydra-template users write ``experiment=<name>`` without ``+``."""
+    return ["+" + item if item.startswith("exp=") else item for item in overrides]
+
+
+_saved_full_error: list[str | None] = []
+
+
+def _restore_full_error() -> None:
+    """Give ``HYDRA_FULL_ERROR`` back its own value (run_as_tool set it to compose the config)."""
+    while _saved_full_error:
+        value = _saved_full_error.pop()
+        if value is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = value
+
+
+def run_as_tool(hydra_main: Callable[[], Any], register: Callable[[], None] | None = None) -> Any:
+    """Call a ``@hydra.main`` function on ``sys.argv``, turning Hydra's report of a composition error
+    (several lines, with advice that does not apply here) into one ``error:`` line.
+
+    Hydra prints the errors it meets itself, unless ``HYDRA_FULL_ERROR=1``, when it raises them: that
+    is set while Hydra composes the config and given back its own value when the job starts (see
+    :func:`user_errors`), so the job's own bugs are reported by Hydra as usual.
+    """
+    sys.argv[1:] = normalise_overrides(sys.argv[1:])
+    if register is not None:
+        register()
+    if _full_error():
+        return hydra_main()
+    _saved_full_error.append(os.environ.get(FULL_ERROR))
+    os.environ[FULL_ERROR] = "1"
+    try:
+        return hydra_main()
+    except CompactHydraException as exc:
+        fail(composition_message(exc))
+    except USER_ERRORS as exc:
+        fail(exc)
+    finally:
+        _restore_full_error()
+
+
+def composition_message(exc: BaseException) -> str:
+    """Hydra's report of a composition error on one line, saying what to do (not Hydra's advice to
+    append an unknown key with ``+``, which the schemas then refuse)."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else None
+    lines = str(exc).splitlines() + (str(cause).splitlines() if cause is not None else [])
+    parts: list[str] = []
+    for line in lines:
+        if line.startswith("Config search path:"):
+            break  # the rest of Hydra's report: where it looked
+        text = line.strip()
+        if not text or text.startswith(("full_key:", "reference_type=", "object_type=", "To append to your config")):
+            continue
+        if line.startswith("\t") and parts:  # "Available options in 'source':", then one option a line
+            if not text.endswith("_schema"):
+                parts[-1] += ("" if parts[-1].endswith(":") else ",") + " " + text
+        else:
+            parts.append(text.rstrip("."))
+    message = "; ".join(parts)
+    override = getattr(exc, "override", None)
+    if override:
+        message = f"cannot parse {override!r}: {message}"
+        if any(char in override for char in "{}[], "):
+            message += "; quote a value holding braces, brackets, commas or spaces: key='value'"
+    key, schema = getattr(cause, "key", None), getattr(cause, "object_type", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(key, str) \
+            and isinstance(schema, type) and dataclasses.is_dataclass(schema):
+        known = [item.name for item in dataclasses.fields(schema)]
+        parent = str(getattr(cause, "full_key", None) or key).rpartition(".")[0]
+        close = difflib.get_close_matches(key, known, n=1)
+        prefix = f"{parent}." if parent else ""
+        message += f"; did you mean {prefix}{close[0]}?" if close else f"; {schema.__name__} has: {', '.join(known)}"
+        message += " (--cfg job prints every key)"
+    return message

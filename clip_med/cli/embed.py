@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from clip_med.cli.common import register_command, user_errors
+from clip_med.cli.common import command, register_command
 from clip_med.cli.config import setup_logging, to_object
 from clip_med.inference.commands import EmbedConfig, run_embed
 
 register_command("embed", EmbedConfig)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="embed")
-@user_errors
+@command("embed")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     config: EmbedConfig = to_object(cfg)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clip_med.cli.common import register_command, user_errors
+from clip_med.cli.common import command, register_command
 from clip_med.cli.config import setup_logging, to_object
 from clip_med.eval.report import render_summary
 from clip_med.inference.evaluation import EvaluateConfig, evaluate_checkpoint
@@ -14,8 +13,7 @@ from clip_med.inference.evaluation import EvaluateConfig, evaluate_checkpoint
 register_command("evaluate", EvaluateConfig)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="evaluate")
-@user_errors
+@command("evaluate")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     config: EvaluateConfig = to_object(cfg)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from clip_med.cli.common import command
 from clip_med.cli.config import register_schemas, setup_logging, to_object
 from clip_med.modeling.export import INFO, ExportConfig, export_checkpoint
 
@@ -21,7 +21,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 register_schemas()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="export")
+@command("export")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     out = export_checkpoint(to_object(cfg))

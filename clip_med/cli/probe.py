@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from clip_med.cli.common import register_command, user_errors
+from clip_med.cli.common import command, register_command
 from clip_med.cli.config import setup_logging, to_object
 from clip_med.eval.report import classification_table
 from clip_med.inference.probing import ProbeConfig, probe_checkpoint
@@ -14,8 +13,7 @@ from clip_med.inference.probing import ProbeConfig, probe_checkpoint
 register_command("probe", ProbeConfig)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="probe")
-@user_errors
+@command("probe")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     config: ProbeConfig = to_object(cfg)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import hydra
 import uvicorn
 from omegaconf import DictConfig
 
-from clip_med.cli.common import register_command, user_errors
+from clip_med.cli.common import command, register_command
 from clip_med.cli.config import setup_logging, to_object
 from clip_med.inference.service import ServeConfig, build_service
 
 register_command("serve", ServeConfig)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="serve")
-@user_errors
+@command("serve")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     config: ServeConfig = to_object(cfg)

@@ -11,21 +11,22 @@ as their ``__main__``, and they only need Pillow and numpy.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
+
+from clip_med.cli.common import command
 
 
 def register() -> None:
     from hydra.core.config_store import ConfigStore
 
-    from clip_med.cli.config import register_schemas
+    from clip_med.cli.config import register_schemas, schema_node
     from clip_med.data.shardset import ShardCommandConfig
 
-    ConfigStore.instance().store(name="shard_schema", node=ShardCommandConfig)
+    ConfigStore.instance().store(name="shard_schema", node=schema_node(ShardCommandConfig))
     register_schemas()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="shard")
+@command("shard", register=register)
 def main(cfg: DictConfig) -> None:
     from clip_med.cli.config import setup_logging, to_object
     from clip_med.data.shardset import describe, shard_source
@@ -35,5 +36,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register()
     main()

@@ -1,13 +1,13 @@
-"""``python -m clip_med.train [+exp=<experiment>] [key=value ...]``: shard, train, evaluate."""
+"""``python -m clip_med.train [exp=<experiment>] [key=value ...]``: shard, train, evaluate."""
 
 from __future__ import annotations
 
 import logging
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from clip_med.cli.common import command
 from clip_med.cli.config import register_schemas, setup_logging, to_object
 from clip_med.training.trainer import train
 
@@ -16,7 +16,7 @@ log = logging.getLogger("clip_med.train")
 register_schemas()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://clip_med.conf", config_name="train")
+@command("train")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     config = to_object(cfg)

@@ -13,22 +13,31 @@ standard's order (PS3.3 C.11):
    *middle* frame, decoded on its own (the first frames of a clip are often a blank run-in or a
    localiser, and decoding one frame keeps memory bounded).
 3. **Modality LUT**: Rescale Slope/Intercept (from the top level or the shared functional
-   groups of an enhanced file) or a Modality LUT Sequence, so CT values are Hounsfield units.
+   groups of an enhanced file) or a Modality LUT Sequence, so CT values are Hounsfield units
+   (pydicom's ``apply_modality_lut``; the functional groups, which it does not read, here).
 4. **VOI LUT**: the first Window Center/Width pair with its VOI LUT Function (LINEAR,
-   LINEAR_EXACT or SIGMOID), or a VOI LUT Sequence; without either, the 0.5th..99.5th
+   LINEAR_EXACT or SIGMOID; pydicom's ``apply_windowing``), or a VOI LUT Sequence (pydicom's
+   ``apply_voi_lut``); without either, the 0.5th..99.5th
    percentile range of the image is stretched to 0..255 (robust to a few hot pixels).
 5. **MONOCHROME1** images (white = low values, common for CR/DX) are inverted so bone is white.
 6. Colour: pydicom converts YCbCr to RGB; PALETTE COLOR is expanded through its lookup table;
    more than 8 bits per sample are scaled by the stored bit depth.
 
 The size guard runs on the Rows/Columns tags *before* any pixel data is decoded.
+
+pydicom's chatter (a warning per malformed tag, a logged traceback per failed decoding plugin) is
+kept out of the logs without switching process-wide state per call (reads run in threads): its
+UserWarnings are ignored by one warnings filter and its loggers get one filter that drops records
+while *this* thread (context) is decoding, both installed once, when pydicom is first used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +62,39 @@ NON_IMAGE_MODALITIES = ("SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTIM
 def _pydicom():
     import pydicom  # imported lazily: only DICOM sources pay for it
 
+    if not _quiet_installed.is_set():
+        _install_quiet_filters()
     return pydicom
+
+
+# Inside _quiet_pydicom (per thread / asyncio task, unlike a logger's level or warnings.catch_warnings).
+_QUIET = contextvars.ContextVar("clip_med_quiet_pydicom", default=False)
+_quiet_lock, _quiet_installed = threading.Lock(), threading.Event()
+
+
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _QUIET.get()
+
+
+_QUIET_FILTER = _QuietFilter()
+
+
+def _install_quiet_filters() -> None:
+    """Once per process: ignore pydicom's UserWarnings (each also goes to its logger), and add the filter
+    to pydicom's loggers (a logger's filters see only records logged on it, so each one gets it)."""
+    import pydicom.pixels  # noqa: F401  (creates the decoders' loggers)
+
+    with _quiet_lock:
+        if _quiet_installed.is_set():
+            return
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+        for name in list(logging.root.manager.loggerDict):
+            if name == "pydicom" or name.startswith("pydicom."):
+                logger = logging.getLogger(name)
+                if _QUIET_FILTER not in logger.filters:
+                    logger.addFilter(_QUIET_FILTER)
+        _quiet_installed.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +177,7 @@ def read_header(path: str | Path):
     """The dataset without its pixel data. Raises :class:`ImageRejected` for non-DICOM files."""
     pydicom = _pydicom()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(str(path), stop_before_pixels=True)
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
     except pydicom.errors.InvalidDicomError:
         raise ImageRejected(SkipReason.NOT_AN_IMAGE, f"{path} is not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -184,10 +223,8 @@ def _int(value: Any, default: int) -> int:
 def _read_dataset(path: str):
     pydicom = _pydicom()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Deferred: the pixel data is read when one frame is decoded, not here.
-            return pydicom.dcmread(path, defer_size="64 KB")
+        # Deferred: the pixel data is read when one frame is decoded, not here.
+        return pydicom.dcmread(path, defer_size="64 KB")
     except pydicom.errors.InvalidDicomError:
         raise ImageRejected(SkipReason.NOT_AN_IMAGE, f"{path} is not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -196,16 +233,13 @@ def _read_dataset(path: str):
 
 @contextlib.contextmanager
 def _quiet_pydicom():
-    """pydicom logs each failed decoding plugin with a traceback; the reason is reported here instead."""
-    logger = logging.getLogger("pydicom")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """pydicom logs each failed decoding plugin with a traceback; the reason is reported here instead.
+    Only this thread's (context's) records are dropped: no logger level or warnings filter is switched."""
+    token = _QUIET.set(True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
-        logger.setLevel(level)
+        _QUIET.reset(token)
 
 
 def _decode_frame(ds, path: str, frames: int) -> np.ndarray:
@@ -230,10 +264,16 @@ def _functional_group_item(ds, sequence: str, item: str):
 
 
 def _modality_lut(array: np.ndarray, ds) -> np.ndarray:
-    if "ModalityLUTSequence" in ds:
-        from pydicom.pixels import apply_modality_lut
+    """Stored values -> modality units (CT: Hounsfield units), as float64."""
+    from pydicom.pixels import apply_modality_lut
 
+    top_slope, top_intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if "ModalityLUTSequence" in ds or (top_slope is not None and top_intercept is not None and float(top_slope) != 0):
         return apply_modality_lut(array, ds).astype(np.float64)
+    # pydicom's apply_modality_lut only reads a top-level Rescale Slope *and* Rescale Intercept. Done
+    # here instead: an enhanced CT/MR file's values, in its shared functional groups (Pixel Value
+    # Transformation Sequence); a slope or an intercept given alone; and a zero slope, which would
+    # blank the image and is ignored instead.
     slope = ds.get("RescaleSlope", _functional_group_item(ds, "PixelValueTransformationSequence", "RescaleSlope"))
     intercept = ds.get("RescaleIntercept",
                        _functional_group_item(ds, "PixelValueTransformationSequence", "RescaleIntercept"))
@@ -264,13 +304,27 @@ def _window(ds) -> tuple[float, float, str] | None:
     return center, width, _text(ds, "VOILUTFunction").upper() or "LINEAR"
 
 
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """The DICOM VOI functions (PS3.3 C.11.2.1.2), output in 0..1."""
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+    """The DICOM VOI functions (PS3.3 C.11.2.1.2), output in 0..1: pydicom's ``apply_windowing``.
+
+    pydicom scales its output to the range of the stored values (Bits Stored, Pixel Representation,
+    rescale); it is given a 1-bit unsigned range, which is 0..1. The window comes from
+    :func:`_window` rather than from the file's own tags because it may sit in an enhanced file's
+    functional groups, which pydicom does not read. An unknown VOI LUT Function is LINEAR (pydicom
+    would refuse it).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    voi = Dataset()
+    voi.PhotometricInterpretation = "MONOCHROME2"
+    voi.BitsStored, voi.PixelRepresentation = 1, 0
+    voi.WindowCenter, voi.WindowWidth = float(center), float(width)
+    voi.VOILUTFunction = function if function in VOI_FUNCTIONS else "LINEAR"
+    return apply_windowing(np.asarray(values, dtype=np.float64), voi)
 
 
 def _stretch(values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:

@@ -12,7 +12,11 @@ Colour modes are normalised to 8-bit ``L`` (grayscale) or ``RGB``:
 * ``RGB`` images whose three channels are identical are stored as ``L``.
 
 The decompression-bomb guard reads the size from the header and refuses anything over
-``max_pixels`` *before* pixel data is decoded (Pillow's own bomb check is set to the same limit).
+``max_pixels`` *before* pixel data is decoded. Pillow's own guard (``Image.MAX_IMAGE_PIXELS``, a
+process-wide setting: a warning above it, an error above twice it) is left as it is, never switched
+off around a decode: decodes run in threads (inference, the HTTP service), where a per-call switch
+could leave it off for the whole process. Images over Pillow's error limit are refused as
+``too_many_pixels`` too; to accept larger ones, raise ``Image.MAX_IMAGE_PIXELS`` once at startup.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import importlib
 import io
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
@@ -100,21 +104,21 @@ def open_image_bytes(data: bytes, limits: ImageLimits, where: str, max_side: int
     """Decode encoded image bytes with the size guard applied *before* pixels are decoded."""
     if not data:
         raise ImageRejected(SkipReason.EMPTY_FILE, f"{where} is empty")
-    # Image.open reads only the header; check_dimensions below is the bomb guard (with our
-    # limit and message), so Pillow's own check (a fixed 89M/179M pixels) is turned off here.
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    # Image.open reads only the header; check_dimensions below is clip_med's bomb guard (its limit,
+    # its message). Pillow's global guard is not touched (see the module docstring): it can only
+    # refuse earlier, for images over 2 * Image.MAX_IMAGE_PIXELS (or warn above 1x).
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(SkipReason.TOO_MANY_PIXELS, f"{where}: {exc}") from None
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: under -W error
+        raise ImageRejected(
+            SkipReason.TOO_MANY_PIXELS,
+            f"{where}: {exc} (Pillow's process-wide limit Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; "
+            f"shards.max_pixels={limits.max_pixels})",
+        ) from None
     except UnidentifiedImageError:
         raise ImageRejected(SkipReason.NOT_AN_IMAGE, f"{where} is not a readable image file") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(SkipReason.TRUNCATED, f"{where}: {exc}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit  # other Pillow users in this process keep their guard
     check_dimensions(image.width, image.height, limits, where)
     if max_side and image.format == "JPEG":
         # JPEG can decode at 1/2, 1/4, 1/8 scale: far cheaper than decoding then shrinking.
@@ -148,7 +152,9 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
 
         try:
             source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            # Not in place, so it returns the converted image (None only with inPlace=True).
+            return cast(Image.Image, ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"),
+                                                               outputMode="RGB"))
         except (ImageCms.PyCMSError, OSError, ValueError) as exc:
             log.warning("CMYK image with an unusable ICC profile (%s): converted without the profile", exc)
     return image.convert("RGB")

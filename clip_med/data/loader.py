@@ -1,18 +1,19 @@
-"""Streaming shards into batches: a webdataset pipeline of small named stages.
+"""Streaming shards into batches: the training and evaluation loaders, composed of the shared
+stages of ``clip_med.data.pipeline`` (the one shard-reading pipeline; extraction uses it too).
 
 Training pipeline, per epoch::
 
     epoch_shards (shuffled by seed+epoch) -> split_shards (by rank, then by loader worker)
-    -> tarfile_to_samples -> check_shard_lengths -> seeded_shuffle -> skip_consumed
-    -> decode (images and text only) -> to_sample -> batched
+    -> read_tar -> check_shard_lengths -> seeded_shuffle -> skip_consumed
+    -> keep_members + decode (images and text only) -> to_sample -> batch
     -> collate (tokenize, tag with worker position and error counts)
 
 Errors are logged (with the shard URL and sample key) and counted: anything that goes wrong
 while reading a tar, or a shard that ends before its manifest count, counts once as
 ``bad_shard``; a sample that cannot be decoded or has no image or text as ``bad_image`` or
-``bad_sample``. Batches carry each worker's running counts to the trainer. Only image and text
-members are decoded: webdataset's default decoder would also unpickle ``.pyd``/``.pickle``/
-``.pth`` members, which a shard from elsewhere could use to run code.
+``bad_sample``; a member clip_med does not write (``.pyd``, ``.pth``, ...) as ``foreign_member``.
+Batches carry each worker's running counts to the trainer. Only image and text (and, for
+evaluation, json) members are decoded, never unpickled (see ``clip_med.data.pipeline``).
 
 Determinism and resume: shard order, the sample shuffle, augmentation and text sampling are
 seeded by (seed, epoch, rank, worker, sample key), so an epoch replays identically. Each batch
@@ -26,30 +27,35 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import random
 import re
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
+from clip_med.data import pipeline
+from clip_med.data.pipeline import (
+    IMAGE_KEYS,
+    SHARD_MEMBERS,
+    ErrorCounter,
+    SampleError,
+    ShardErrorCounter,
+    merge_counts,
+)
+from clip_med.data.pipeline import expand_urls as expand_urls  # re-exported
+
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = "png;jpg;jpeg;webp;tif;tiff"
-# What the pipelines decode; any other member stays bytes. webdataset's default handlers would also
-# unpickle .pyd/.pickle/.pth members, which a shard from elsewhere could use to run code.
-EVAL_DECODE = [*IMAGE_KEYS.split(";"), "txt", "json"]
+# The members each pipeline keeps and decodes; every other one is dropped undecoded (clip_med.data.pipeline).
+EVAL_DECODE = sorted(SHARD_MEMBERS)
 TRAIN_DECODE = [*IMAGE_KEYS.split(";"), "txt"]  # training does not use the metadata
-_IMAGE_EXTENSIONS = frozenset(IMAGE_KEYS.split(";"))
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
@@ -79,94 +85,13 @@ class WorkerPosition:
     sample_errors: dict[str, int] = field(default_factory=dict)
 
 
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Local paths, brace patterns, ``http(s)://`` URLs and ``pipe:`` commands, as webdataset reads them."""
-    if isinstance(urls, str):
-        urls = [urls]
-    expanded = []
-    for url in urls:
-        expanded.extend(wds.shardlists.expand_urls(url))
-    return expanded
-
-
 def _stable_seed(*parts: Any) -> int:
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
-# Error handling
-
-
-class ErrorCounter:
-    """A webdataset handler: log the exception, count it by kind, keep going.
-
-    ``kind`` fixes the kind every error of this handler's stage is counted as (a stage that
-    reads tars only meets broken shards); without it the kind is guessed from the message.
-    """
-
-    def __init__(self, max_logged: int = 20, kind: Optional[str] = None, initial: Optional[dict[str, int]] = None,
-                 shard_errors: bool = True):
-        self.counts: Counter = Counter(initial or {})
-        self.max_logged = max_logged
-        self.fixed_kind = kind
-        self.shard_errors = shard_errors  # False for stages after the tar reader: never "bad_shard"
-        self.logged = 0
-
-    @staticmethod
-    def kind(exn: BaseException, shard_errors: bool = True) -> str:
-        explicit = getattr(exn, "kind", None)
-        if isinstance(explicit, str):
-            return explicit
-        text = f"{type(exn).__name__} {exn}".lower()
-        if shard_errors and ("tar" in text or "unexpected end" in text or isinstance(exn, EOFError)):
-            return "bad_shard"
-        if "decod" in text or "image" in text or "truncated" in text:
-            return "bad_image"
-        return "bad_sample"
-
-    def __call__(self, exn: BaseException) -> bool:
-        kind = self.fixed_kind or self.kind(exn, self.shard_errors)
-        self.counts[kind] += 1
-        self.logged += 1
-        if self.logged <= self.max_logged:
-            log.warning("skipping %s: %s: %s", kind, type(exn).__name__, exn)
-        return True
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used (counted as ``kind``)."""
-
-    def __init__(self, message: str, kind: str = "bad_sample"):
-        super().__init__(message)
-        self.kind = kind
-
-
-class ShardErrorCounter(ErrorCounter):
-    """The handler of the tar-reading stage: counts each broken shard once, however many errors it raises."""
-
-    def __init__(self, max_logged: int = 20):
-        super().__init__(max_logged, kind="bad_shard")
-        self.current: Optional[str] = None
-        self.seen: set[str] = set()
-
-    def opening(self, url: str) -> None:
-        self.current = url
-
-    def __call__(self, exn: BaseException) -> bool:
-        self.report(self.current, f"{type(exn).__name__}: {exn}")
-        return True
-
-    def report(self, url: Optional[str], problem: str) -> None:
-        if url in self.seen:
-            log.debug("more trouble with %s: %s", url, problem)
-            return
-        self.seen.add(url)
-        self.counts[self.fixed_kind] += 1
-        self.logged += 1
-        if self.logged <= self.max_logged:
-            log.warning("skipping bad_shard %s (the rest of it is skipped; its samples read so far are kept): %s",
-                        url, problem)
+# Error handling (ErrorCounter, ShardErrorCounter, SampleError: clip_med.data.pipeline)
 
 
 def check_shard_lengths(expected: Optional[dict[str, int]],
@@ -188,13 +113,6 @@ def check_shard_lengths(expected: Optional[dict[str, int]],
         finish(url, seen)
 
     return stage
-
-
-def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
-    total: Counter = Counter()
-    for part in counts:
-        total.update(part)
-    return dict(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,32 +170,11 @@ def steps_per_epoch(shard_counts: dict[str, int], urls: Sequence[str], epoch: in
 # Pipeline stages
 
 
-def decode_image(key: str, data: bytes) -> Optional[Image.Image]:
-    """webdataset image handler: the image in its own mode (the transform converts to RGB after cropping,
-    which for grayscale scans is a third of the work of converting first, as webdataset's "pil" does)."""
-    if key.rsplit(".", 1)[-1].lower() not in _IMAGE_EXTENSIONS:
-        return None
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
 def logical_worker(first_worker: int = 0) -> tuple[int, int]:
     """(worker, workers) of the calling loader worker, its number rotated by ``first_worker``."""
     info = torch.utils.data.get_worker_info()
     physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return (physical + first_worker) % workers, workers
-
-
-def announce_shards(on_shard: Callable[[str], None]) -> Callable[[Iterator], Iterator]:
-    """Tell ``on_shard`` of each shard as it is handed on to be opened."""
-
-    def stage(src):
-        for item in src:
-            on_shard(item["url"])
-            yield item
-
-    return stage
 
 
 def epoch_shards(urls: Sequence[str], epoch: int, seed: int, shuffle: bool) -> Callable[[], Iterator[dict]]:
@@ -382,13 +279,14 @@ def collate(tokenizer: Callable, counter: ErrorCounter, skipped: dict[int, Any],
 
     ``skipped`` maps a worker to the batches it delivered before (an int, or a WorkerPosition).
     """
-    state = {"index": None}
+    state: dict[str, Optional[int]] = {"index": None}
 
     def apply(samples: list[dict]) -> dict:
         worker, _ = logical_worker(first_worker)
-        if state["index"] is None:
+        index = state["index"]
+        if index is None:
             done = skipped.get(worker, 0)
-            state["index"] = done.batches if isinstance(done, WorkerPosition) else done
+            index = state["index"] = done.batches if isinstance(done, WorkerPosition) else done
         stream_counts = dict(stream_counter.counts) if stream_counter is not None else {}
         batch = {
             "images": torch.stack([sample["image"] for sample in samples]),
@@ -397,12 +295,12 @@ def collate(tokenizer: Callable, counter: ErrorCounter, skipped: dict[int, Any],
             "keys": [sample["key"] for sample in samples],
             "meta": [sample["json"] for sample in samples],
             "worker": worker,
-            "worker_batch": state["index"],
+            "worker_batch": index,
             "worker_samples": samples[-1]["index"] + 1,
             "sample_errors": dict(counter.counts),
             "errors": merge_counts(stream_counts, counter.counts),
         }
-        state["index"] += 1
+        state["index"] = index + 1
         return batch
 
     return apply
@@ -467,16 +365,17 @@ def create_train_loader(urls: Sequence[str], transform: Callable, tokenizer: Cal
         return wds.DataPipeline(
             epoch_shards(urls, epoch, seed, shuffle=True),
             split_shards(rank, world_size, first_worker, stream_errors.opening),
-            wds.tarfile_to_samples(handler=stream_errors),
+            pipeline.read_tar(stream_errors),
             check_shard_lengths(shard_counts, stream_errors),
             seeded_shuffle(cfg.shuffle_buffer, seed, epoch, rank, first_worker),
             skip_consumed(positions, first_worker),
-            wds.decode(decode_image, handler=sample_errors, only=TRAIN_DECODE),
-            wds.map(to_sample(transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob),
-                    handler=sample_errors),
-            wds.batched(cfg.batch_size, collation_fn=_identity, partial=False),
-            wds.map(collate(tokenizer, sample_errors, positions, first_worker, stream_errors),
-                    handler=sample_errors),
+            pipeline.keep_members(TRAIN_DECODE, sample_errors),
+            pipeline.decode(TRAIN_DECODE, sample_errors),
+            pipeline.transform(to_sample(transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob),
+                               sample_errors),
+            pipeline.batch(cfg.batch_size, partial=False),
+            pipeline.tokenize(collate(tokenizer, sample_errors, positions, first_worker, stream_errors),
+                              sample_errors),
         )
 
     # The loader's own base seed comes from this generator, not from the global RNG, so
@@ -492,19 +391,15 @@ def create_eval_loader(urls: Sequence[str], transform: Callable, tokenizer: Call
 
     def build():
         stream_errors, sample_errors = ShardErrorCounter(), ErrorCounter(shard_errors=False)
-        stages = [wds.SimpleShardList(list(urls))]
-        if split_by_node:
-            stages.append(wds.split_by_node)
-        stages += [
-            wds.split_by_worker,
-            announce_shards(stream_errors.opening),
-            wds.tarfile_to_samples(handler=stream_errors),
-            wds.decode(decode_image, handler=sample_errors, only=EVAL_DECODE),
-            wds.map(to_sample(transform, 0, 0, "full", 1.0), handler=sample_errors),
-            wds.batched(batch_size, collation_fn=_identity, partial=True),
-            wds.map(collate(tokenizer, sample_errors, {}, stream_counter=stream_errors), handler=sample_errors),
-        ]
-        return wds.DataPipeline(*stages)
+        return wds.DataPipeline(
+            *pipeline.open_shards(urls, stream_errors, split_by_node),
+            pipeline.read_tar(stream_errors),
+            pipeline.keep_members(EVAL_DECODE, sample_errors),
+            pipeline.decode(EVAL_DECODE, sample_errors),
+            pipeline.transform(to_sample(transform, 0, 0, "full", 1.0), sample_errors),
+            pipeline.batch(batch_size, partial=True),
+            pipeline.tokenize(collate(tokenizer, sample_errors, {}, stream_counter=stream_errors), sample_errors),
+        )
 
     workers = min(workers, len(urls))
     return _data_loader(_Pipeline(build), workers, 2)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from clip_med.core.io import write_json_atomic  # noqa: F401  (re-exported: written through clip_med.core.io)
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -89,28 +90,43 @@ def manifest_path(out_dir: str | Path, split: str) -> Path:
     return Path(out_dir) / f"{split}{MANIFEST_SUFFIX}"
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
     path = manifest_path(out_dir, manifest.split)
     write_json_atomic(path, manifest.to_dict())
     return path
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read or is not a clip_med manifest; the message names the file."""
+
+
+def parse_manifest(data: str | bytes, source: str | Path) -> Manifest:
+    """The one manifest parser: JSON text (or UTF-8 bytes) read from ``source`` -> :class:`Manifest`.
+
+    Raises :class:`ManifestError` naming ``source`` for anything that is not a clip_med manifest.
+    """
+    try:
+        return Manifest.from_dict(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"{source} is not a clip_med manifest ({type(exc).__name__}: {exc})") from None
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """A local manifest file; :class:`ManifestError` (naming the file) when it is unreadable or malformed."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read the manifest {path} ({exc})") from None
+    return parse_manifest(data, path)
+
+
 def load_manifest(out_dir: str | Path, split: str) -> Manifest | None:
+    """The manifest of ``split`` in ``out_dir``; None when there is none, :class:`ManifestError` when it is bad."""
     path = manifest_path(out_dir, split)
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as handle:
-        return Manifest.from_dict(json.load(handle))
+    return read_manifest(path)
 
 
 def manifest_is_current(manifest: Manifest | None, out_dir: str | Path, fingerprint: str) -> bool:

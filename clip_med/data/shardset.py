@@ -20,15 +20,17 @@ range) with ``<split>.manifest.json``; the shard URLs of a manifest spec are fou
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
-from clip_med.data.manifest import MANIFEST_SUFFIX, Manifest, load_manifest
+from clip_med.core.errors import UnknownName
+from clip_med.data.manifest import MANIFEST_SUFFIX, Manifest, load_manifest, parse_manifest
+from clip_med.data.pipeline import is_local
 from clip_med.data.sources import SourceConfig, read_source
+from clip_med.data.sources.synthetic import SyntheticSourceConfig
 from clip_med.data.writer import ShardConfig, write_shards
 
 log = logging.getLogger(__name__)
@@ -58,13 +60,15 @@ class ShardSet:
         try:
             return self.manifests[split]
         except KeyError:
-            raise KeyError(f"no split {split!r} in {self.out_dir or 'this shard set'}; "
+            raise UnknownName(f"no split {split!r} in {self.out_dir or 'this shard set'}; "
                            f"it has {sorted(self.manifests)}") from None
 
     def urls(self, split: str) -> list[str]:
         manifest = self.manifest(split)
         if split in self.shard_urls:
             return list(self.shard_urls[split])
+        # A shard set without a folder is built from shard lists, with shard_urls for every split.
+        assert self.out_dir is not None
         return [str(self.out_dir / shard.name) for shard in manifest.shards]
 
     def shard_counts(self, split: str) -> dict[str, int]:
@@ -75,7 +79,8 @@ class ShardSet:
         if requested:
             self.manifest(requested)
             return requested
-        others = [split for split in ("dev", "validation", "val", "valid", "test") if split in self.manifests]
+        others: list[str] = [split for split in ("dev", "validation", "val", "valid", "test")
+                             if split in self.manifests]
         others += [split for split in self.manifests if split != train_split and split not in others]
         others = [split for split in others if split != train_split]
         if not others:
@@ -96,7 +101,8 @@ def prepare_shards(source: SourceConfig, shards: ShardConfig) -> ShardSet:
 class ShardCommandConfig:
     """``python -m clip_med.shard source=<name> source.root=<path> out=shards/<name>``."""
 
-    source: Any = None  # a SourceConfig subclass, chosen by the `source` config group
+    # A SourceConfig subclass, chosen by the `source` config group (default: the synthetic set).
+    source: Any = field(default_factory=SyntheticSourceConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     # Output folder (the same as shards.out); None: <shards.root>/<source name>.
     out: Optional[str] = None
@@ -140,7 +146,7 @@ def shard_name(url: str) -> str:
 
 def _is_local_dir(location: str | Path) -> bool:
     text = str(location)
-    return "://" not in text and not text.startswith("pipe:") and Path(text).is_dir()
+    return is_local(text) and Path(text).is_dir()
 
 
 def fetch_manifest(url: str) -> Manifest:
@@ -155,10 +161,7 @@ def fetch_manifest(url: str) -> Manifest:
             f"cannot read the manifest {url} ({exc}). A shard list needs the <split>.manifest.json written with its "
             "shards, in the same place: copy it there along with the .tar files (python -m clip_med.shard writes "
             "both)") from None
-    try:
-        return Manifest.from_dict(json.loads(data))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{url} is not a clip_med manifest ({exc})") from None
+    return parse_manifest(data, url)  # ManifestError (a ValueError) naming the URL when it is not a manifest
 
 
 @dataclass
@@ -222,15 +225,15 @@ def open_shard_set(location: str | Path, splits: Optional[list[str]] = None) -> 
         for path in sorted(out_dir.glob(f"*{MANIFEST_SUFFIX}")):
             split = path.name[: -len(MANIFEST_SUFFIX)]
             if splits is None or split in splits:
-                manifests[split] = load_manifest(out_dir, split)
+                # the manifest file was just listed, so load_manifest finds it (None means no file)
+                manifests[split] = cast(Manifest, load_manifest(out_dir, split))
         if not manifests:
             raise FileNotFoundError(
                 f"no *{MANIFEST_SUFFIX} in {out_dir}: write shards there first (python -m clip_med.shard)"
             )
         return ShardSet(out_dir, manifests)
     text = str(location)
-    if "://" not in text and not text.startswith("pipe:") and not _SHARD_NAME.search(text) \
-            and not _MANIFEST_NAME.search(text):
+    if is_local(text) and not _SHARD_NAME.search(text) and not _MANIFEST_NAME.search(text):
         raise FileNotFoundError(f"{text} is not a folder of shards, a shard pattern or a manifest URL")
     shard_list = resolve_shard_list(text)
     return ShardSet(None, {shard_list.split: shard_list.manifest}, {shard_list.split: shard_list.urls})

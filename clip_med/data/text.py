@@ -7,6 +7,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
+from clip_med.core.errors import UnknownName
 from clip_med.data.record import SkipReason
 
 _SPACES = re.compile(r"\s+")
@@ -42,7 +43,7 @@ def render_text(template: str, fields: Mapping[str, Any]) -> str:
     """
     unknown = [name for name in template_fields(template) if name not in fields]
     if unknown:
-        raise KeyError(f"text template uses unknown field(s) {unknown}; available: {sorted(fields)}")
+        raise UnknownName(f"text template uses unknown field(s) {unknown}; available: {sorted(fields)}")
     values = {key: clean_caption("" if value is None else str(value)) for key, value in fields.items()}
     text = template.format(**values)
     text = _EMPTY_BRACKETS.sub("", text)

@@ -4,7 +4,8 @@ Qualities (each one tested):
 
 * **deterministic**: records are written in the reader's order; images are prepared in worker
   processes but collected in order, so the shards are byte-identical whatever the worker count;
-* **atomic**: a shard is written to ``<name>.tmp``, flushed to disk and renamed when complete;
+* **atomic**: a shard is written to a temporary file beside it, flushed to disk and renamed when
+  complete (:class:`clip_med.core.io.AtomicFile`); so are the manifest and the journal's rewrites;
 * **resumable**: after each shard, a line is appended (and fsynced) to ``.progress/<split>.jsonl``;
   a re-run with the same fingerprint continues after the last journaled shard and deletes any
   shard written after it, so killing the writer at any moment (SIGKILL included) loses nothing
@@ -33,6 +34,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
+from clip_med.core.io import AtomicFile, append_text, temporary_target, write_text_atomic
 from clip_med.core.processes import spawn_pool
 from clip_med.data.images import EncodeOptions, ImageJob, ImageLimits, PreparedImage, run_image_job
 from clip_med.data.manifest import (
@@ -178,19 +180,11 @@ class _Journal:
     def start(self, fingerprint_: str, entries: list[dict]) -> None:
         """Rewrite the journal with the entries still valid (atomically: a kill here keeps the old one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for entry in [{"fingerprint": fingerprint_}, *entries]:
-                handle.write(json.dumps(entry) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(entry) + "\n" for entry in [{"fingerprint": fingerprint_},
+                                                                                   *entries]))
 
     def append(self, entry: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_text(self.path, json.dumps(entry) + "\n")  # fsynced; a line cut short by a kill is ignored by load
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -224,6 +218,9 @@ def _sample(record: Record, image: PreparedImage, source_name: str) -> dict[str,
 class _SplitWriter:
     """Holds the state of one split being written: the open shard, skips, hashes, labels."""
 
+    # The input record being added, set by write_split before each record (declared, not set here).
+    next_input: int
+
     def __init__(self, out_dir: Path, split: str, cfg: ShardConfig, journal: _Journal, entries: list[dict]):
         self.out_dir, self.split, self.cfg, self.journal = out_dir, split, cfg, journal
         self.shards = [ShardInfo(**entry["shard"]) for entry in entries if entry.get("shard")]
@@ -238,6 +235,7 @@ class _SplitWriter:
         self.keys = {key for entry in entries for key in entry["keys"]}
         self._reset_pending()
         self.writer: TarWriter | None = None
+        self.shard_file: AtomicFile | None = None
 
     def _reset_pending(self) -> None:
         self.pending_skipped: list[SkippedItem] = []
@@ -272,8 +270,8 @@ class _SplitWriter:
         if self.writer and (self.count >= self.cfg.max_samples or self.size + sample_bytes > self.cfg.max_bytes):
             self.close_shard(next_input=None)
         if self.writer is None:
-            self.tmp_path = self.out_dir / (self.shard_name(len(self.shards)) + ".tmp")
-            self.writer = TarWriter(str(self.tmp_path), encoder=False, mtime=0)
+            self.shard_file = AtomicFile(self.out_dir / self.shard_name(len(self.shards)), "wb")
+            self.writer = TarWriter(self.shard_file.file, encoder=False, mtime=0)
         self.writer.write(sample)
         self.count += 1
         self.size += sample_bytes
@@ -290,15 +288,12 @@ class _SplitWriter:
         """Finish the open shard (if any) and journal it with the skips seen so far."""
         shard = None
         if self.writer is not None:
-            self.writer.close()
-            final = self.out_dir / self.shard_name(len(self.shards))
-            with open(self.tmp_path, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(self.tmp_path, final)
-            _fsync_dir(self.out_dir)
+            self.writer.close()  # the tar end blocks; the file itself is closed by commit
+            assert self.shard_file is not None  # opened and cleared together with self.writer
+            final = self.shard_file.commit()
             shard = ShardInfo(final.name, self.count, final.stat().st_size)
             self.shards.append(shard)
-            self.writer = None
+            self.writer, self.shard_file = None, None
         self.skipped.extend(self.pending_skipped)
         labels = {task: dict(counts) for task, counts in self.pending_labels.items()}
         origins = {task: dict(counts) for task, counts in self.pending_origins.items()}
@@ -315,28 +310,33 @@ class _SplitWriter:
         })
         self._reset_pending()
 
+    @contextlib.contextmanager
+    def removing_open_shard_on_error(self) -> Iterator[None]:
+        """On an exception, drop the half-written shard's temporary (the journal says where to resume)."""
+        try:
+            yield
+        except BaseException:
+            if self.writer is not None:
+                with contextlib.suppress(OSError, ValueError):  # else tarfile's __del__ writes to the closed file
+                    self.writer.close()
+            if self.shard_file is not None:
+                self.shard_file.abort()
+            self.writer, self.shard_file = None, None
+            raise
+
 
 def _add_counts(into: dict[str, Counter], counts: dict[str, dict[str, int]]) -> None:
     for task, values in counts.items():
         into.setdefault(task, Counter()).update(values)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    with contextlib.suppress(OSError):
-        handle = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-
-
 def _remove_stale(out_dir: Path, split: str, keep: int) -> None:
     """Delete shards of this split beyond the first ``keep`` and any half-written ones."""
-    pattern = re.compile(rf"{re.escape(split)}-(\d{{6}})\.tar(\.tmp)?")
+    pattern = re.compile(rf"{re.escape(split)}-(\d{{6}})\.tar")
     for path in out_dir.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and (match.group(2) or int(match.group(1)) >= keep):
+        target = temporary_target(path.name)  # a shard's temporary, left by a killed writer
+        match = pattern.fullmatch(target or path.name)
+        if match and (target is not None or int(match.group(1)) >= keep):
             path.unlink()
 
 
@@ -348,7 +348,7 @@ def write_split(records: list[Record], split: str, out_dir: str | Path, cfg: Sha
     digest = fingerprint(records, source_name, cfg)
     existing = load_manifest(out_dir, split)
     journal = _Journal(out_dir, split)
-    if manifest_is_current(existing, out_dir, digest):
+    if existing is not None and manifest_is_current(existing, out_dir, digest):
         log.info("%s/%s is up to date (%d samples): nothing to do", out_dir, split, existing.written_count)
         journal.remove()
         return existing
@@ -363,8 +363,8 @@ def write_split(records: list[Record], split: str, out_dir: str | Path, cfg: Sha
                  out_dir, split, start, len(records), len(state.shards))
 
     prepared = _prepared_stream(records, start, cfg, pool)
-    with tqdm(total=len(records), initial=start, desc=f"shard {split}", unit="img",
-              disable=not cfg.progress, dynamic_ncols=True) as bar:
+    with state.removing_open_shard_on_error(), tqdm(total=len(records), initial=start, desc=f"shard {split}",
+                                                    unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
         progress_log = _ProgressLog(f"{out_dir}/{split}", cfg.log_every_s if cfg.progress else 0, bar)
         for index in range(start, len(records)):
             record = records[index]

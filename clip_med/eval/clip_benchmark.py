@@ -9,19 +9,33 @@ image) and ``text_retrieval_recall@k`` (image -> text) for retrieval.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import accuracy_score, top_k_accuracy_score
 
 from clip_med.eval.evaluator import Predictions
 
 
 def top_k_accuracy(predictions: Predictions, k: int) -> float | None:
-    if len(predictions.labels) < k:
+    """scikit-learn's top-k accuracy; ``None`` below ``k`` classes (CLIP_benchmark's ``acc5``).
+
+    Tied probabilities go to the *first* of the tied labels (as ``np.argsort(-probs, kind="stable")``
+    ranked them before): scikit-learn ranks ties towards the last column, so it is given the
+    columns in reverse order, with the true labels as reversed column numbers.
+    """
+    n_labels = len(predictions.labels)
+    if n_labels < k:
         return None
-    truth = np.array([predictions.labels.index(label) for label in predictions.y_true])
-    top = np.argsort(-predictions.probs, axis=1, kind="stable")[:, :k]
-    return float((top == truth[:, None]).any(axis=1).mean())
+    truth = np.array([predictions.labels.index(label) for label in predictions.y_true], dtype=np.int64)
+    if n_labels <= 2:  # scikit-learn's binary form thresholds one column at 0.5 instead of ranking: top-1 is accuracy
+        return float(accuracy_score(truth, predictions.probs.argmax(axis=1))) if k == 1 else 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # k == number of classes: 1.0, as intended
+        return float(top_k_accuracy_score(n_labels - 1 - truth, predictions.probs[:, ::-1], k=k,
+                                          labels=np.arange(n_labels)))
 
 
 def _classification(method: str, metrics: dict[str, Any], predictions: Predictions | None) -> dict[str, Any]:

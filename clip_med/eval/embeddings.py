@@ -9,8 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clip_med.core.counting import merge_counts
 from clip_med.core.precision import autocast_context
 from clip_med.data.loader import create_eval_loader
+from clip_med.labels import taxonomy
+from clip_med.modeling.factory import clip_model
 
 
 @dataclass
@@ -30,7 +33,7 @@ class Embedded:
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, urls: Sequence[str], transform: Callable, tokenizer: Callable,
                 device: torch.device, batch_size: int = 128, workers: int = 2, precision: str = "fp32",
-                tasks: Sequence[str] = ("modality", "anatomy"), progress: bool = True,
+                tasks: Sequence[str] = tuple(taxonomy.TASKS), progress: bool = True,
                 description: str = "embed") -> Embedded:
     was_training = model.training
     model.eval()
@@ -40,8 +43,8 @@ def embed_split(model: torch.nn.Module, urls: Sequence[str], transform: Callable
     loader = create_eval_loader(urls, transform, tokenizer, batch_size, workers)
     for batch in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
         with autocast_context(device, precision):
-            image = model.encode_image(batch["images"].to(device, non_blocking=True), normalize=True)
-            text = model.encode_text(batch["texts"].to(device, non_blocking=True), normalize=True)
+            image = clip_model(model).encode_image(batch["images"].to(device, non_blocking=True), normalize=True)
+            text = clip_model(model).encode_text(batch["texts"].to(device, non_blocking=True), normalize=True)
         parts["image"].append(image.float().cpu().numpy())
         parts["text"].append(text.float().cpu().numpy())
         parts["texts"].extend(batch["raw_texts"])
@@ -56,10 +59,6 @@ def embed_split(model: torch.nn.Module, urls: Sequence[str], transform: Callable
         raise ValueError(f"no samples could be read from {list(urls)[:3]}...")
     order = np.argsort(np.array(parts["ids"], dtype=object), kind="stable")
     pick = lambda values: [values[i] for i in order]  # noqa: E731
-    total_errors: dict[str, int] = {}
-    for counts in errors.values():
-        for kind, count in counts.items():
-            total_errors[kind] = total_errors.get(kind, 0) + count
     return Embedded(
         ids=pick(parts["ids"]),
         image=np.concatenate(parts["image"])[order],
@@ -67,5 +66,5 @@ def embed_split(model: torch.nn.Module, urls: Sequence[str], transform: Callable
         texts=pick(parts["texts"]),
         labels={task: pick(values) for task, values in labels.items()},
         groups=pick(parts["groups"]),
-        errors=total_errors,
+        errors=merge_counts(*errors.values()),
     )

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from clip_med.eval.embeddings import Embedded
-from clip_med.eval.linear_probe import DEFAULT_CS, fit_probe
+from clip_med.eval.linear_probe import DEFAULT_CS, FittedProbe, fit_probe
 from clip_med.eval.metrics import classification_metrics
+from clip_med.eval.probe_head import ProbeHead
 from clip_med.eval.retrieval import retrieval_metrics
 from clip_med.eval.zero_shot import label_prompts, zero_shot_probabilities, zero_shot_weights
+from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class EvalConfig:
     # (MedPix: dev; a source with a test split: test is used only when named here).
     split: Optional[str] = None
     every_epochs: int = 0  # also evaluate every k epochs (0: only at the end)
-    tasks: list[str] = field(default_factory=lambda: ["modality", "anatomy"])
+    tasks: list[str] = field(default_factory=lambda: list(taxonomy.TASKS))
     batch_size: int = 128
     workers: int = 2
     probe_Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))
@@ -84,25 +86,51 @@ def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: tor
         if predictions is not None:
             predictions["zero_shot", task] = Predictions(ids, y_true, classes, probs)
         if train is not None:
-            report["linear_probe"][task], probe_probs = _probe(task, classes, train, held_out, keep, y_true, cfg)
+            probe = run_linear_probe(task, classes, train, held_out, Cs=cfg.probe_Cs, folds=cfg.probe_folds,
+                                     max_iter=cfg.probe_max_iter)
+            report["linear_probe"][task] = probe.metrics
             if predictions is not None:
-                predictions["linear_probe", task] = Predictions(ids, y_true, classes, probe_probs)
+                predictions["linear_probe", task] = Predictions(ids, y_true, classes, probe.probs)
     report["retrieval"] = retrieval_metrics(held_out.image, held_out.text, cfg.recall_ks)
     return report
 
 
-def _probe(task: str, classes: list[str], train: Embedded, held_out: Embedded, keep: np.ndarray,
-           y_true: list[str], cfg: EvalConfig) -> tuple[dict[str, Any], np.ndarray]:
+@dataclass
+class ProbeRun:
+    """One task's linear probe, fitted on ``train`` and scored on the held-out images with a known label."""
+
+    fitted: FittedProbe
+    head: ProbeHead  # the fitted probe as a saveable head (clip_med.eval.probe_head)
+    probs: np.ndarray  # (held-out images with a label in ``classes``, len(classes)), columns in ``classes`` order
+    metrics: dict[str, Any]  # classification_metrics + C, cv_balanced_accuracy, n_train
+    excluded_unlabelled: int  # held-out images whose label is not among ``classes``
+
+
+def run_linear_probe(task: str, classes: list[str], train: Embedded, held_out: Embedded, *,
+                     Cs: Sequence[float] = DEFAULT_CS, folds: int = 5, max_iter: int = 2000,
+                     score_with_head: bool = False, model_fingerprint: str = "", model_name: str = "") -> ProbeRun:
+    """The linear-probe flow of the evaluator and of ``python -m clip_med.probe``: fit a logistic
+    regression on the training images labelled with one of ``classes`` (``C`` chosen by
+    cross-validation grouped by case), build its head, score the held-out images.
+
+    ``score_with_head``: score with the head (float32 weights: the numbers its file reports are
+    exactly what applying it gives) instead of the scikit-learn model (float64), as the evaluator does.
+    """
     train_keep = _known(train.labels[task], classes)
-    probe = fit_probe(
+    fitted = fit_probe(
         train.image[train_keep],
         [label for label, kept in zip(train.labels[task], train_keep) if kept],
         groups=[group for group, kept in zip(train.groups, train_keep) if kept],
-        Cs=cfg.probe_Cs, folds=cfg.probe_folds, max_iter=cfg.probe_max_iter,
+        Cs=Cs, folds=folds, max_iter=max_iter,
     )
+    head = ProbeHead.from_fitted(fitted, task, model_fingerprint, model_name)
+    keep = _known(held_out.labels[task], classes)
+    y_true = [label for label, kept in zip(held_out.labels[task], keep) if kept]
+    scorer = head if score_with_head else fitted
     probs = np.zeros((int(keep.sum()), len(classes)))
-    fitted = probe.predict_proba(held_out.image[keep])
-    for column, label in enumerate(probe.labels):
-        probs[:, classes.index(label)] = fitted[:, column]
-    return {**classification_metrics(y_true, probs, classes), "C": probe.C,
-            "cv_balanced_accuracy": probe.cv_balanced_accuracy, "n_train": int(train_keep.sum())}, probs
+    scored = scorer.predict_proba(held_out.image[keep])  # columns in fitted.labels order (== head.labels)
+    for column, label in enumerate(fitted.labels):
+        probs[:, classes.index(label)] = scored[:, column]
+    metrics = {**classification_metrics(y_true, probs, classes), "C": fitted.C,
+               "cv_balanced_accuracy": fitted.cv_balanced_accuracy, "n_train": int(train_keep.sum())}
+    return ProbeRun(fitted, head, probs, metrics, int((~keep).sum()))

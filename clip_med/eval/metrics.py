@@ -16,7 +16,8 @@ from sklearn.metrics import (
 )
 
 
-def classification_metrics(y_true: Sequence[str], probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(y_true: Sequence[str] | np.ndarray, probs: np.ndarray,
+                           labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, AUROC (one-vs-rest, macro), confusion matrix, per class."""
     labels = list(labels)
     y_true = np.asarray(y_true, dtype=object)
@@ -49,5 +50,7 @@ def _auroc(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> float | 
     columns = [i for i, label in enumerate(labels) if label in present]
     scores = probs[:, columns]
     scores = scores / np.clip(scores.sum(axis=1, keepdims=True), 1e-12, None)
+    if len(columns) == 2:  # scikit-learn takes two present classes as a binary problem: one score column
+        return float(roc_auc_score(y_true == labels[columns[1]], scores[:, 1]))
     return float(roc_auc_score(y_true, scores, labels=[labels[i] for i in columns], multi_class="ovr",
                                average="macro"))

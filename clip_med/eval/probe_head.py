@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
+from scipy.special import softmax
 
+from clip_med.core.io import atomic_write
 from clip_med.eval.linear_probe import FittedProbe
 
 FORMAT = "clip_med.probe_head/1"
@@ -27,12 +29,6 @@ SUFFIX = ".safetensors"
 
 class HeadError(ValueError):
     """A head file that cannot be used (unreadable, or fitted on another model)."""
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    return probs / probs.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -69,7 +65,7 @@ class ProbeHead:
         embeddings = np.asarray(embeddings, dtype=np.float64)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise HeadError(f"the {self.task} head expects {self.dim}-d embeddings, got shape {embeddings.shape}")
-        return softmax(embeddings @ self.weight.T.astype(np.float64) + self.bias.astype(np.float64))
+        return softmax(embeddings @ self.weight.T.astype(np.float64) + self.bias.astype(np.float64), axis=1)
 
     def check_model(self, fingerprint: str, dim: int) -> None:
         if dim != self.dim:
@@ -90,10 +86,9 @@ class ProbeHead:
         if path.suffix != SUFFIX:
             path = path.with_name(path.name + SUFFIX)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"weight": np.ascontiguousarray(self.weight), "bias": np.ascontiguousarray(self.bias)}, str(tmp),
-                  metadata={"clip_med": json.dumps(self.metadata(), sort_keys=True)})
-        tmp.replace(path)
+        with atomic_write(path, "path") as tmp:
+            save_file({"weight": np.ascontiguousarray(self.weight), "bias": np.ascontiguousarray(self.bias)},
+                      str(tmp), metadata={"clip_med": json.dumps(self.metadata(), sort_keys=True)})
         return path
 
     @classmethod

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
-from clip_med.data.manifest import write_json_atomic  # noqa: E402
+from clip_med.core.io import atomic_write, write_json_atomic, write_text_atomic  # noqa: E402
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "report") -> dict[str, Path]:
@@ -26,7 +26,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "repor
             plot_confusion(metrics, f"{method.replace('_', ' ')}: {task} ({report.get('split', '')})", path)
             paths[f"confusion_{method}_{task}"] = path
     write_json_atomic(paths["json"], report)
-    paths["md"].write_text(render_markdown(report), encoding="utf-8")
+    write_text_atomic(paths["md"], render_markdown(report))
     return paths
 
 
@@ -38,7 +38,8 @@ def plot_confusion(metrics: dict[str, Any], title: str, path: Path) -> None:
                                                                            xticks_rotation=45)
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "path") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temporary's name does not end in .png
     plt.close(fig)
 
 

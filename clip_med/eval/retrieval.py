@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def recall_at_k(queries: np.ndarray, gallery: np.ndarray, ks: Sequence[int] = (1
     return result
 
 
-def retrieval_metrics(image: np.ndarray, text: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+def retrieval_metrics(image: np.ndarray, text: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     return {
         "n": int(len(image)),
         "image_to_text": recall_at_k(image, text, ks),

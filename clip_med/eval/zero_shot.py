@@ -8,7 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
+from scipy.special import softmax
 
+from clip_med.core.errors import UnknownName
 from clip_med.data.text import template_fields
 from clip_med.labels import taxonomy
 
@@ -55,7 +57,7 @@ def _fill(template: str, name: str, context: dict[str, list[str]], synonyms: boo
     fields = [field for field in template_fields(template) if field]
     for field in fields:
         if field not in taxonomy.TASKS:
-            raise KeyError(f"prompt template {template!r} names {{{field}}}; only {{}} and task names "
+            raise UnknownName(f"prompt template {template!r} names {{{field}}}; only {{}} and task names "
                            f"({', '.join('{' + t + '}' for t in taxonomy.TASKS)}) can be used")
     options = [[(field, other) for label in (context.get(field) or taxonomy.TASKS[field].ids) if label != "unknown"
                 for other in _names(field, label, synonyms)] for field in fields]
@@ -82,7 +84,4 @@ def zero_shot_weights(model: torch.nn.Module, tokenizer: Callable, prompts: dict
 
 def zero_shot_probabilities(image_embeddings: np.ndarray, weights: np.ndarray,
                             logit_scale: float = ZERO_SHOT_LOGIT_SCALE) -> np.ndarray:
-    logits = logit_scale * image_embeddings @ weights
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    return probs / probs.sum(axis=1, keepdims=True)
+    return softmax(logit_scale * image_embeddings @ weights, axis=1)

@@ -16,7 +16,7 @@ import numpy as np
 
 from clip_med.core import distributed
 from clip_med.inference.evaluation import REQUIRED, ModelOptions
-from clip_med.inference.extract import ExtractConfig, extract
+from clip_med.inference.extract import ExtractConfig, extract, resolve_shards
 from clip_med.inference.index import TEXT_EMBEDDINGS, IndexConfig, SearchIndex, paired_recall, write_index
 from clip_med.inference.results import Classification, SearchHit
 
@@ -110,6 +110,7 @@ class EmbedConfig(ExtractConfig, ModelOptions):
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     from clip_med.inference.model import load
 
+    resolve_shards(cfg.shards)  # a missing shard fails now, not after loading the model
     info = distributed.init_distributed(cfg.device, cfg.dist_backend)
     try:
         model = load(cfg.checkpoint, cfg.model_name, device=str(info.device))
@@ -125,7 +126,9 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
 @dataclass
 class SearchConfig(ModelOptions):
     index: str = REQUIRED  # an embedding folder written by python -m clip_med.embed
-    checkpoint: Optional[str] = None  # default: the checkpoint the embeddings were made with
+    # Default: the checkpoint the embeddings were made with. Optional here, unlike ModelOptions' required
+    # str, hence the ignore (a dataclass field cannot be narrowed soundly in a subclass).
+    checkpoint: Optional[str] = None  # type: ignore[assignment]
     text: Optional[str] = None
     image: Optional[str] = None
     k: int = 10
@@ -163,6 +166,9 @@ def run_search(cfg: SearchConfig) -> SearchOutput:
     from clip_med.inference.model import load
 
     checkpoint = cfg.checkpoint or index.info.get("checkpoint")
+    if checkpoint is None:
+        raise ValueError(f"{cfg.index} does not name the checkpoint its embeddings came from: "
+                         "give checkpoint=<path>")
     model = load(checkpoint, cfg.model_name, cfg.device)
     output.hits = model.search(index, text=cfg.text, image=cfg.image, k=cfg.k)
     output.query = f"text {cfg.text!r}" if cfg.text is not None else f"image {cfg.image}"

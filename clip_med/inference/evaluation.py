@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from clip_med.data.manifest import write_json_atomic
+from clip_med.core.io import atomic_write, write_json_atomic
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.clip_benchmark import clip_benchmark_records
 from clip_med.eval.datasets import EvalData, eval_shard_config, open_data
@@ -57,7 +57,7 @@ def embed_data_split(model, data: EvalData, split: str, cfg: EvalConfig, progres
 
 
 def write_predictions(path: Path, predictions: dict[tuple[str, str], Predictions]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "method", "task", "true", "predicted", "confidence", "probabilities"])
         for (method, task), found in predictions.items():

@@ -12,14 +12,17 @@ Layout of the output folder::
     index.faiss, index.json the search index (see clip_med.inference.index)
 
 Loader workers decode and transform (the evaluation transform) while the main process runs the
-model. Batches never straddle two shards, so a shard's rows are complete when its last batch is
-in; its part is then written atomically. A rerun skips every shard whose part is complete and
-unchanged; under ``torchrun`` the remaining shards are dealt round-robin to the processes and
-rank 0 joins the parts when all are done. The result does not depend on the process count.
+model. Shards are read by the same stages as training and evaluation (``clip_med.data.pipeline``):
+only image, txt and json members are decoded, nothing is unpickled. Batches never straddle two
+shards, so a shard's rows are complete when its last batch is in; its part is then written
+atomically. A rerun skips every shard whose part is complete and unchanged; under ``torchrun``
+the remaining shards are dealt round-robin to the processes and rank 0 joins the parts when all
+are done. The result does not depend on the process count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,8 +43,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clip_med.core import distributed
-from clip_med.data.loader import IMAGE_KEYS, ErrorCounter, expand_urls
-from clip_med.data.manifest import MANIFEST_SUFFIX, write_json_atomic
+from clip_med.core.counting import merge_counts
+from clip_med.core.io import atomic_write
+from clip_med.data import pipeline
+from clip_med.data.manifest import MANIFEST_SUFFIX, ManifestError, read_manifest, write_json_atomic
+from clip_med.data.pipeline import (
+    IMAGE_KEYS,
+    SHARD_MEMBERS,
+    ErrorCounter,
+    SampleError,
+    ShardErrorCounter,
+    expand_urls,
+    is_local,
+)
 from clip_med.inference.index import (
     EMBED_INFO,
     IMAGE_EMBEDDINGS,
@@ -81,11 +95,15 @@ class ExtractConfig:
 
 
 def resolve_shards(shards: str | Sequence[str]) -> list[str]:
-    """Brace patterns, globs, folders (every ``*.tar`` in them), URLs and ``pipe:`` commands."""
+    """Brace patterns, globs, folders (every ``*.tar`` in them), URLs and ``pipe:`` commands.
+
+    What is a local path and what is opened by webdataset's ``gopen`` (a ``pipe:`` command, an
+    ``http(s)://`` URL) is decided as for training (:func:`clip_med.data.pipeline.is_local`).
+    """
     patterns = [shards] if isinstance(shards, str) else list(shards)
     urls: list[str] = []
     for pattern in patterns:
-        if "://" in pattern or pattern.startswith("pipe:"):
+        if not is_local(pattern):
             urls.extend(expand_urls(pattern))
         elif Path(pattern).is_dir():
             urls.extend(sorted(str(path) for path in Path(pattern).glob("*.tar")))
@@ -93,7 +111,7 @@ def resolve_shards(shards: str | Sequence[str]) -> list[str]:
             for expanded in expand_urls(pattern):
                 matches = sorted(glob(expanded)) if any(ch in expanded for ch in "*?[") else [expanded]
                 urls.extend(matches)
-    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+    missing = [url for url in urls if is_local(url) and not Path(url).is_file()]
     if missing:
         raise ExtractionError(f"shard(s) not found: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if not urls:
@@ -104,14 +122,15 @@ def resolve_shards(shards: str | Sequence[str]) -> list[str]:
 def manifest_counts(urls: Sequence[str]) -> dict[str, int]:
     """Samples per shard, from the manifests next to local shards (for the progress bar)."""
     counts: dict[str, int] = {}
-    for folder in {str(Path(url).parent) for url in urls if "://" not in url}:
+    for folder in {str(Path(url).parent) for url in urls if is_local(url)}:
         for path in Path(folder).glob(f"*{MANIFEST_SUFFIX}"):
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
+                manifest = read_manifest(path)
+            except ManifestError as exc:  # only the progress bar needs it: say so and go on without it
+                log.warning("%s; its shards are embedded without a known length", exc)
                 continue
-            for shard in data.get("shards", []):
-                counts[os.path.normpath(Path(folder) / shard["name"])] = int(shard["count"])
+            for shard in manifest.shards:
+                counts[os.path.normpath(Path(folder) / shard.name)] = int(shard.count)
     return {url: counts[os.path.normpath(url)] for url in urls if os.path.normpath(url) in counts}
 
 
@@ -121,7 +140,7 @@ def part_name(url: str) -> str:
 
 
 def shard_state(url: str) -> dict[str, Any]:
-    if "://" in url or url.startswith("pipe:"):
+    if not is_local(url):
         return {"url": url}
     stat = os.stat(url)
     return {"url": url, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -146,7 +165,7 @@ def _to_row(transform: Callable) -> Callable[[dict], dict]:
     def apply(sample: dict) -> dict:
         image_key = next((key for key in IMAGE_KEYS.split(";") if key in sample), None)
         if image_key is None:
-            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+            raise SampleError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
         text = sample.get("txt") or ""
         return {"image": transform(sample[image_key]), "text": text, "key": sample["__key__"],
                 "url": sample["__url__"], "meta": sample.get("json") or {}}
@@ -170,14 +189,17 @@ def _shard_batches(batch_size: int) -> Callable:
     return stage
 
 
-def _collate(tokenizer: Callable | None, counter: ErrorCounter) -> Callable[[dict], dict]:
+def _collate(tokenizer: Callable | None, counter: ErrorCounter,
+             stream_counter: ErrorCounter | None = None) -> Callable[[dict], dict]:
     def apply(batch: dict) -> dict:
         rows = batch["rows"]
         texts = [row["text"] for row in rows]
+        stream_counts = dict(stream_counter.counts) if stream_counter is not None else {}
         return {"images": torch.stack([row["image"] for row in rows]),
                 "tokens": tokenizer(texts) if tokenizer is not None else None,
                 "texts": texts, "keys": [row["key"] for row in rows], "meta": [row["meta"] for row in rows],
-                "url": rows[0]["url"], "last": batch["last"], "errors": dict(counter.counts),
+                "url": rows[0]["url"], "last": batch["last"],
+                "errors": merge_counts(stream_counts, counter.counts),
                 "worker": worker.id if (worker := torch.utils.data.get_worker_info()) else 0}
 
     return apply
@@ -188,15 +210,16 @@ class _Dataset(torch.utils.data.IterableDataset):
         self.urls, self.transform, self.tokenizer, self.batch_size = urls, transform, tokenizer, batch_size
 
     def __iter__(self):
-        counter = ErrorCounter()
+        # The stages of training and evaluation (clip_med.data.pipeline); batches kept within one shard.
+        stream_errors, sample_errors = ShardErrorCounter(), ErrorCounter(shard_errors=False)
         return iter(wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.split_by_worker,
-            wds.tarfile_to_samples(handler=counter),
-            wds.decode("pil", handler=counter),
-            wds.map(_to_row(self.transform), handler=counter),
+            *pipeline.open_shards(self.urls, stream_errors),
+            pipeline.read_tar(stream_errors),
+            pipeline.keep_members(SHARD_MEMBERS, sample_errors),
+            pipeline.decode(SHARD_MEMBERS, sample_errors),
+            pipeline.transform(_to_row(self.transform), sample_errors),
             _shard_batches(self.batch_size),
-            wds.map(_collate(self.tokenizer, counter), handler=counter),
+            pipeline.tokenize(_collate(self.tokenizer, sample_errors, stream_errors), sample_errors),
         ))
 
 
@@ -256,9 +279,8 @@ def write_part(out_dir: Path, url: str, buffer: _ShardBuffer, dim: int, with_tex
     text = (np.concatenate(buffer.text) if buffer.text else np.zeros((0, dim), np.float32)) if with_text else None
     table = _rows_table(url, buffer.keys, buffer.texts, buffer.metas, image, text)
     name = part_name(url)
-    tmp = parts / f"{name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(parts / f"{name}.parquet")
+    with atomic_write(parts / f"{name}.parquet", "path") as tmp:
+        pq.write_table(table, tmp)
     write_json_atomic(parts / f"{name}.json", {"shard": shard_state(url), "rows": table.num_rows})
     return table.num_rows
 
@@ -296,15 +318,7 @@ def embed_shards(model, urls: list[str], out_dir: Path, cfg: ExtractConfig, prog
         if url not in done:  # every sample unreadable (or an empty shard): record it as done, empty
             log.warning("shard %s gave no readable samples", url)
             write_part(out_dir, url, buffers.pop(url, _ShardBuffer()), model.dim, cfg.texts)
-    return _sum_counts(errors_by_worker.values())
-
-
-def _sum_counts(counts: Sequence[dict[str, int]] | Any) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for item in counts:
-        for kind, count in item.items():
-            total[kind] = total.get(kind, 0) + count
-    return total
+    return merge_counts(*errors_by_worker.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +346,19 @@ def _check_resumable(out_dir: Path, settings: dict[str, Any]) -> None:
 
 def consolidate(out_dir: Path, urls: Sequence[str], dim: int, with_text: bool) -> int:
     """Join the parts, in shard order, into metadata.parquet and the embedding arrays; returns N."""
+    # each output goes through atomic_write: renamed into place at the end, removed on any error
+    with contextlib.ExitStack() as outputs:
+        return _join_parts(out_dir, urls, dim, with_text,
+                           lambda name: outputs.enter_context(atomic_write(out_dir / name, "path")))
+
+
+def _join_parts(out_dir: Path, urls: Sequence[str], dim: int, with_text: bool, output: Callable[[str], Path]) -> int:
     parts = [out_dir / PARTS / f"{part_name(url)}.parquet" for url in urls]
     total = sum(pq.ParquetFile(path).metadata.num_rows for path in parts)
     if not total:
         raise ExtractionError(f"none of the {len(parts)} shard(s) held a readable sample: nothing was embedded")
-    image = np.lib.format.open_memmap(out_dir / (IMAGE_EMBEDDINGS + ".tmp.npy"), "w+", np.float32, (total, dim))
-    text = (np.lib.format.open_memmap(out_dir / (TEXT_EMBEDDINGS + ".tmp.npy"), "w+", np.float32, (total, dim))
+    image = np.lib.format.open_memmap(output(IMAGE_EMBEDDINGS), "w+", np.float32, (total, dim))
+    text = (np.lib.format.open_memmap(output(TEXT_EMBEDDINGS), "w+", np.float32, (total, dim))
             if with_text else None)
     writer, position = None, 0
     for path in parts:
@@ -348,16 +369,14 @@ def consolidate(out_dir: Path, urls: Sequence[str], dim: int, with_text: bool) -
             if text is not None:
                 text[position:position + rows] = _vectors(table, "text_embedding", dim)
         metadata = table.select(list(TEXT_COLUMNS))
-        writer = writer or pq.ParquetWriter(out_dir / (METADATA + ".tmp"), metadata.schema)
+        writer = writer or pq.ParquetWriter(output(METADATA), metadata.schema)
         writer.write_table(metadata)
         position += rows
+    assert writer is not None  # parts is not empty (total > 0), so the loop opened it
     writer.close()
-    for array, name in ((image, IMAGE_EMBEDDINGS), (text, TEXT_EMBEDDINGS)):
+    for array in (image, text):
         if array is not None:
             array.flush()
-            del array
-            os.replace(out_dir / (name + ".tmp.npy"), out_dir / name)
-    os.replace(out_dir / (METADATA + ".tmp"), out_dir / METADATA)
     return total
 
 
@@ -398,7 +417,7 @@ def _gather_errors(errors: dict[str, int], info: distributed.DistInfo) -> dict[s
         return errors
     gathered: list[Any] = [None] * info.world_size
     torch.distributed.all_gather_object(gathered, errors)
-    return _sum_counts(gathered)
+    return merge_counts(*gathered)
 
 
 def _finish(model, out_dir: Path, urls: list[str], settings: dict[str, Any], errors: dict[str, int],

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from clip_med.core.io import atomic_write, write_text_atomic
 from clip_med.inference.results import SearchHit
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def build_index(vectors: np.ndarray, kind: str | None = None, cfg: IndexConfig |
     factory = factory_string(kind, n, dim, cfg)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if hasattr(faiss.downcast_index(index), "hnsw"):
-        faiss.downcast_index(index).hnsw.efConstruction = cfg.ef_construction
+        # faiss's stub types downcast_index() as the base Index; hasattr just found an HNSW index
+        faiss.downcast_index(index).hnsw.efConstruction = cfg.ef_construction  # type: ignore[attr-defined]
     if not index.is_trained:
         rng = np.random.default_rng(cfg.seed)
         sample = np.sort(rng.choice(n, size=min(n, cfg.train_size), replace=False))
@@ -145,12 +147,11 @@ def write_index(folder: str | Path, cfg: IndexConfig | None = None, progress: bo
         raise IndexFolderError(f"{path} is missing: run python -m clip_med.embed with out={folder} first")
     vectors = np.load(path, mmap_mode="r")
     index, factory = build_index(vectors, kind, cfg, progress)
-    tmp = folder / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(folder / INDEX_FILE)
+    with atomic_write(folder / INDEX_FILE, "path") as tmp:
+        faiss.write_index(index, str(tmp))
     info = {"factory": factory, "kind": resolve_kind(kind, len(vectors), cfg), "count": int(index.ntotal),
             "dim": int(vectors.shape[1]), "config": asdict(cfg)}
-    (folder / INDEX_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    write_text_atomic(folder / INDEX_INFO, json.dumps(info, indent=1))
     log.info("index %s over %d vectors written to %s", factory, index.ntotal, folder / INDEX_FILE)
     return folder / INDEX_FILE
 

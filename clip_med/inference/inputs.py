@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Union, cast
 
 import numpy as np
 from PIL import Image
@@ -175,11 +176,12 @@ def load_image(item: ImageInput, prep: Preprocessing, name: str | None = None) -
     return as_trained(image, prep)
 
 
-def as_batch(images: ImageInput | list[ImageInput] | tuple) -> list[ImageInput]:
+def as_batch(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """A single input becomes a batch of one; lists, tuples, N×H×W×C and N×H×W arrays are batches."""
     if isinstance(images, (list, tuple)):
         return list(images)
     if isinstance(images, np.ndarray) and (images.ndim == 4 or (images.ndim == 3
                                                                  and images.shape[-1] not in (1, 3, 4))):
         return list(images)  # N×H×W×C, or N×H×W grayscale
-    return [images]
+    # Anything else is one input (str and bytes are Sequences to mypy, but single inputs here).
+    return [cast(ImageInput, images)]

@@ -39,7 +39,7 @@ from clip_med.modeling.checkpoint import (
     shard_preprocessing,
     weights_fingerprint,
 )
-from clip_med.modeling.factory import ModelBundle
+from clip_med.modeling.factory import ModelBundle, clip_model
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ClipMedModel:
 
     @property
     def dim(self) -> int:
-        return int(self.bundle.model_cfg.get("embed_dim") or self.model.text_projection.shape[-1])
+        return int(self.bundle.model_cfg.get("embed_dim") or clip_model(self.model).text_projection.shape[-1])
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -146,13 +146,13 @@ class ClipMedModel:
     @torch.no_grad()
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         with self._lock, autocast_context(self.device, self.precision):
-            features = self.model.encode_image(pixels.to(self.device, non_blocking=True), normalize=True)
+            features = clip_model(self.model).encode_image(pixels.to(self.device, non_blocking=True), normalize=True)
         return features.float().cpu().numpy()
 
     @torch.no_grad()
     def encode_token_tensors(self, tokens: torch.Tensor) -> np.ndarray:
         with self._lock, autocast_context(self.device, self.precision):
-            features = self.model.encode_text(tokens.to(self.device, non_blocking=True), normalize=True)
+            features = clip_model(self.model).encode_text(tokens.to(self.device, non_blocking=True), normalize=True)
         return features.float().cpu().numpy()
 
     def _pixels(self, items: list, workers: int, on_error: str) -> tuple[list[torch.Tensor], list[int],
@@ -213,7 +213,7 @@ class ClipMedModel:
                              prompts: Prompts = None) -> tuple[list[str], np.ndarray]:
         """(labels, (D, C) class embeddings) for a task, built as the evaluation builds them."""
         explicit = prompts if isinstance(prompts, dict) else None
-        templates = None if prompts is None or explicit is not None else _check_templates(prompts)
+        templates = None if prompts is None or isinstance(prompts, dict) else _check_templates(prompts)
         if labels is None:
             labels = list(explicit) if explicit else self.task_labels(task)
         labels = _check_labels(labels)
@@ -281,7 +281,11 @@ class ClipMedModel:
         if (text is None) == (image is None):
             raise ValueError("give exactly one of text= or image=")
         index.check_model(self.fingerprint, self.dim)
-        query = self.embed_texts([text]) if text is not None else self.embed_images([image])
+        if text is not None:
+            query = self.embed_texts([text])
+        else:
+            assert image is not None  # exactly one of text= and image=, checked above
+            query = self.embed_images([image])
         return index.search(query, k)[0]
 
 

@@ -15,18 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
-from clip_med.data.manifest import write_json_atomic
+from clip_med.core.io import write_json_atomic, write_text_atomic
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.datasets import EvalData
 from clip_med.eval.embeddings import Embedded
-from clip_med.eval.evaluator import EvalConfig, task_labels
-from clip_med.eval.linear_probe import DEFAULT_CS, fit_probe
-from clip_med.eval.metrics import classification_metrics
+from clip_med.eval.evaluator import EvalConfig, run_linear_probe, task_labels
+from clip_med.eval.linear_probe import DEFAULT_CS
 from clip_med.eval.probe_head import ProbeHead
 from clip_med.eval.report import classification_table, plot_confusion
 from clip_med.inference.evaluation import ModelOptions, embed_data_split, load_model_and_data
+from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ class ProbeConfig(ModelOptions):
     data: Any = None  # data=<source> (+ data.root, data.split, data.train_split) or data=shards data.dir=...
     shards: ShardConfig = field(default_factory=ShardConfig)
     pixels_from_checkpoint: bool = True
-    tasks: list[str] = field(default_factory=lambda: ["modality", "anatomy"])
+    tasks: list[str] = field(default_factory=lambda: list(taxonomy.TASKS))
     Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))
     folds: int = 5
     max_iter: int = 2000
@@ -46,26 +44,15 @@ class ProbeConfig(ModelOptions):
     progress: bool = True
 
 
-def _known(embedded: Embedded, task: str, classes: list[str]) -> np.ndarray:
-    allowed = set(classes)
-    return np.array([label in allowed for label in embedded.labels[task]], dtype=bool)
-
-
 def fit_head(model, task: str, train: Embedded, held_out: Embedded, cfg: ProbeConfig,
              info: dict[str, Any]) -> tuple[ProbeHead, dict[str, Any]]:
     classes = task_labels(train.labels[task])
     if len(classes) < 2:
         raise ValueError(f"task {task}: the training split has fewer than two labelled classes ({classes})")
-    keep = _known(train, task, classes)
-    fitted = fit_probe(train.image[keep], [label for label, kept in zip(train.labels[task], keep) if kept],
-                       groups=[group for group, kept in zip(train.groups, keep) if kept], Cs=cfg.Cs,
-                       folds=cfg.folds, max_iter=cfg.max_iter)
-    head = ProbeHead.from_fitted(fitted, task, model.fingerprint, model.name)
-    test_keep = _known(held_out, task, classes)
-    y_true = [label for label, kept in zip(held_out.labels[task], test_keep) if kept]
-    metrics = {**classification_metrics(y_true, head.predict_proba(held_out.image[test_keep]), head.labels),
-               "C": fitted.C, "cv_balanced_accuracy": fitted.cv_balanced_accuracy, "n_train": int(keep.sum()),
-               "excluded_unlabelled": int((~test_keep).sum())}
+    probe = run_linear_probe(task, classes, train, held_out, Cs=cfg.Cs, folds=cfg.folds, max_iter=cfg.max_iter,
+                             score_with_head=True, model_fingerprint=model.fingerprint, model_name=model.name)
+    head = probe.head
+    metrics = {**probe.metrics, "excluded_unlabelled": probe.excluded_unlabelled}
     head.info = {**info, "metrics": {key: metrics[key] for key in ("n", "accuracy", "balanced_accuracy", "macro_f1",
                                                                     "auroc", "cv_balanced_accuracy", "n_train")}}
     return head, metrics
@@ -89,7 +76,7 @@ def probe_model(model, data: EvalData, cfg: ProbeConfig, out_dir: str | Path) ->
         report["heads"][task] = str(head.save(out_dir / f"{task}.safetensors"))
         plot_confusion(metrics, f"linear probe: {task} ({data.split})", out_dir / f"confusion_linear_probe_{task}.png")
     write_json_atomic(out_dir / "probe_report.json", report)
-    (out_dir / "probe_report.md").write_text(render_probe_markdown(report), encoding="utf-8")
+    write_text_atomic(out_dir / "probe_report.md", render_probe_markdown(report))
     return report
 
 

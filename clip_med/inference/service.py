@@ -31,6 +31,7 @@ from clip_med.eval.probe_head import HeadError, ProbeHead
 from clip_med.inference.evaluation import ModelOptions
 from clip_med.inference.index import IndexFolderError, SearchIndex
 from clip_med.inference.inputs import load_image, sniff
+from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, h
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": model.name, "checkpoint": str(model.info.path), "step": model.info.step,
                 "device": str(model.device), "dim": model.dim, "tasks": {task: model.task_labels(task)
-                                                                          for task in ("modality", "anatomy")},
+                                                                          for task in taxonomy.TASKS},
                 "heads": {name: {"task": head.task, "labels": head.labels} for name, head in heads.items()},
                 "index": {"size": len(index)} if index is not None else None, "limits": dataclasses.asdict(limits)}
 
@@ -253,6 +254,7 @@ def _add_embedding_routes(app: FastAPI, model, index: SearchIndex | None, limits
         if file is not None:
             vectors, kind = _embed_upload(model, file, limits)
         else:
+            assert text is not None  # no file, so the check above saw texts
             vectors, kind = model.embed_texts(_check_texts(text, limits)), "text"
         return {"kind": "image" if kind != "text" else "text", "format": kind, "model": model.name, "dim": model.dim,
                 "embeddings": vectors.tolist()}
@@ -274,6 +276,7 @@ def _add_embedding_routes(app: FastAPI, model, index: SearchIndex | None, limits
             raise HTTPException(400, "send exactly one of: an image in 'file', or a 'text' field")
         if file is not None:
             return _search(_embed_upload(model, file, limits)[0], k, f"image {file.filename}")
+        assert text is not None  # exactly one of file and text, checked above
         return _search(model.embed_texts(_check_texts([text], limits)), k, text)
 
 

@@ -32,7 +32,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from clip_med.labels.taxonomy import UNKNOWN
+from clip_med.labels.taxonomy import TASKS, UNKNOWN
 
 _I = re.IGNORECASE
 
@@ -346,7 +346,7 @@ def anatomy_from_text(caption: str) -> TextLabel:
 TEXT_RULES = {"modality": modality_from_text, "anatomy": anatomy_from_text}
 
 
-def labels_from_text(text: str, tasks: tuple[str, ...] = ("modality", "anatomy")) -> dict[str, str]:
+def labels_from_text(text: str, tasks: tuple[str, ...] = tuple(TASKS)) -> dict[str, str]:
     return {task: TEXT_RULES[task](text or "").label for task in tasks}
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from clip_med.core.errors import UnknownName
+
 UNKNOWN = "unknown"
 
 
@@ -42,7 +44,7 @@ class Task:
         for label in self.labels:
             if label.id == label_id:
                 return label
-        raise KeyError(f"unknown {self.name} label {label_id!r}; known: {', '.join(self.ids)}")
+        raise UnknownName(f"unknown {self.name} label {label_id!r}; known: {', '.join(self.ids)}")
 
 
 MODALITY = Task(
@@ -114,7 +116,7 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise UnknownName(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
 def _key(value: str) -> str:

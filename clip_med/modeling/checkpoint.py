@@ -97,6 +97,7 @@ def read_weights_file(path: Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
+    _check_looks_like_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -108,6 +109,29 @@ def read_weights_file(path: Path) -> Any:
     except (RuntimeError, KeyError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch file ({type(exc).__name__}: "
                               f"{exc})") from None
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_PICKLE_PROTOCOL = 0x80  # the legacy format starts with a pickle (protocol 2 and later)
+
+
+def _check_looks_like_torch_file(path: Path) -> None:
+    """Refuse a file that is plainly not a PyTorch file (a text file, say) with a reason, rather than
+    with whatever torch.load makes of its first bytes (``KeyError: 101`` for an ``e``)."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head or head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTOCOL or head[257:262] == b"ustar":
+        return  # empty (torch.load's EOFError says "truncated"), or a PyTorch file (zip, pickle, old tar)
+    if head[8:9] == b"{" and b'"' in head[9:16]:
+        raise CheckpointError(f"checkpoint {path} looks like a safetensors file: give it a .safetensors name")
+    try:
+        head.decode("utf-8")
+        text = b"\0" not in head
+    except UnicodeDecodeError as exc:
+        text = exc.start >= len(head) - 3  # only a character cut off at the end of the 512 bytes
+    kind = "a text file" if text else "not a PyTorch file (no zip or pickle header)"
+    raise CheckpointError(f"checkpoint {path} is {kind}, not a checkpoint: give a .pt file written by the trainer "
+                          "(<run>/checkpoints/step-*.pt), a PyTorch state dict or a .safetensors file")
 
 
 def is_clip_med_checkpoint(payload: Any) -> bool:

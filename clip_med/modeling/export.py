@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,8 +27,9 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from clip_med.core.io import atomic_write, write_text_atomic
 from clip_med.modeling.checkpoint import bundle_from_payload, find_resume_checkpoint, is_clip_med_checkpoint
-from clip_med.modeling.factory import ModelBundle
+from clip_med.modeling.factory import ModelBundle, clip_model
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def open_clip_configs(bundle: ModelBundle, state_dict: dict[str, torch.Tensor]) 
     model_cfg = json.loads(json.dumps(bundle.model_cfg))
     if "logit_bias" in state_dict:  # SigLIP: the model needs a bias parameter to load into
         model_cfg["init_logit_bias"] = float(state_dict["logit_bias"].reshape(-1)[0])
-    preprocess = dict(bundle.model.visual.preprocess_cfg)
+    preprocess = dict(clip_model(bundle.model).visual.preprocess_cfg)
     preprocess["size"] = list(preprocess["size"]) if isinstance(preprocess["size"], (tuple, list)) else \
         preprocess["size"]
     preprocess["mean"], preprocess["std"] = list(preprocess["mean"]), list(preprocess["std"])
@@ -93,7 +93,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def export_checkpoint(cfg: ExportConfig) -> Path:
@@ -108,9 +108,8 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
     _check_tokenizer(configs["model_cfg"])
     name = cfg.name or out.resolve().name
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(state_dict, str(tmp), metadata={"format": "pt", "source": "clip_med"})
-    os.replace(tmp, out / WEIGHTS)
+    with atomic_write(out / WEIGHTS, "path") as tmp:  # readable by others: the umask's mode, not safetensors' 0600
+        save_file(state_dict, str(tmp), metadata={"format": "pt", "source": "clip_med"})
     _write_json(out / CONFIG, configs)
     _write_json(out / f"{name}.json", configs["model_cfg"])
     _write_json(out / INFO, {
@@ -138,9 +137,9 @@ def verify_export(out: Path, bundle: ModelBundle, atol: float = 1e-5) -> float:
     images = torch.randn(2, 3, size, size, generator=generator)
     texts = open_clip.get_tokenizer(f"local-dir:{out}")(["a CT of the head", "chest X-ray"])
     with torch.no_grad():
-        diff = max(float((bundle.model.encode_image(images, normalize=True)
+        diff = max(float((clip_model(bundle.model).encode_image(images, normalize=True)
                           - loaded.encode_image(images, normalize=True)).abs().max()),
-                   float((bundle.model.encode_text(texts, normalize=True)
+                   float((clip_model(bundle.model).encode_text(texts, normalize=True)
                           - loaded.encode_text(texts, normalize=True)).abs().max()))
     if diff > atol:
         raise ExportError(f"{out}: open_clip's embeddings differ from clip_med's by {diff:.2e} (> {atol})")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, cast
 
 import open_clip
 import torch
@@ -52,6 +52,31 @@ class ModelBundle:
     std: tuple[float, ...]
     name: str
     model_cfg: dict[str, Any]
+
+
+class VisualTower(Protocol):
+    preprocess_cfg: dict[str, Any]
+
+
+class ClipModel(Protocol):
+    """What clip_med uses of an open_clip ``CLIP`` / ``CustomTextCLIP`` beyond ``torch.nn.Module``.
+
+    ``nn.Module.__getattr__`` types every attribute as ``Tensor | Module``, which hides these from
+    mypy; look at a model through :func:`clip_model` to use them.
+    """
+
+    visual: VisualTower
+    logit_scale: torch.Tensor
+    text_projection: torch.Tensor
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+
+def clip_model(model: torch.nn.Module) -> ClipModel:
+    """``model`` (an open_clip model) as a :class:`ClipModel`: a typing-only cast, the same object."""
+    return cast(ClipModel, model)
 
 
 def _check_name(name: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import open_clip
 import torch
@@ -69,4 +69,5 @@ def model_kwargs_for(cfg: LossConfig) -> dict[str, Any]:
 
 
 def total_loss(terms: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    return sum(terms.values()) if isinstance(terms, dict) else terms
+    # sum() of tensors is a tensor (its int start 0 only shows for an empty dict).
+    return cast(torch.Tensor, sum(terms.values())) if isinstance(terms, dict) else terms

@@ -1,7 +1,8 @@
 """Atomic, prunable, safely-loaded training checkpoints.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python containers, so it
-loads with ``weights_only=True``. It is written to ``<name>.tmp``, flushed to disk and renamed,
+loads with ``weights_only=True``. It is written through :func:`clip_med.core.io.atomic_write`
+(a temporary file beside it, flushed to disk and renamed),
 so the newest *complete* checkpoint is always loadable; a failed write (disk full) removes the
 temporary file and raises, leaving earlier checkpoints untouched. The model weights sit under
 ``state_dict`` as open_clip's own trainer stores them, so ``open_clip.create_model(name,
@@ -11,13 +12,13 @@ pretrained=<checkpoint>)`` loads a clip_med checkpoint directly.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
+from clip_med.core.io import atomic_write, temporaries
 from clip_med.modeling.checkpoint import (  # noqa: F401  (re-exported: the trainer's API)
     checkpoint_dir,
     find_resume_checkpoint,
@@ -49,27 +50,19 @@ def save_checkpoint(payload: dict[str, Any], run_dir: str | Path, step: int, kee
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(folder)
     final = folder / f"step-{step:08d}.pt"
-    tmp = folder / f".step-{step:08d}.pt.tmp"
     sink = None
     try:
-        with open(tmp, "wb") as handle:
+        # on any failure atomic_write removes its temporary: earlier checkpoints stay as they were
+        with atomic_write(final, "wb") as handle:
             sink = _Sink(handle)
-            torch.save(payload, sink)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(folder)
+            torch.save(payload, cast(IO[bytes], sink))  # _Sink has the write/flush torch.save uses
     except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
         previous = latest_checkpoint(run_dir)
         cause = sink.error if sink is not None and sink.error is not None else exc
         raise RuntimeError(
             f"could not write checkpoint {final} ({cause}). Free disk space or move the run directory; "
             f"the previous checkpoint {previous or '(none)'} is intact."
         ) from cause
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -90,28 +83,18 @@ class _Sink:
             raise
 
     def flush(self) -> None:
-        self.handle.flush()
+        try:
+            self.handle.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
     """Half-written files left by a process killed while writing (never a complete checkpoint)."""
-    for stale in folder.glob(".step-*.pt.tmp"):
+    for stale in temporaries(folder, "step-*.pt"):
         log.warning("removing %s, left by an interrupted checkpoint write", stale)
         stale.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        log.debug("fsync of %s not supported", folder)
-    finally:
-        os.close(fd)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

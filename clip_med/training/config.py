@@ -1,4 +1,11 @@
-"""The typed configuration of a training run (the schema behind ``conf/train.yaml``)."""
+"""The typed configuration of a training run (the schema behind ``conf/train.yaml``).
+
+These dataclasses are the one home of every default: ``train(TrainConfig())`` is the run that
+``python -m clip_med.train`` makes (the synthetic source, model medclip-tiny, the CLIP loss).
+``conf/train.yaml`` only picks the config-group options (``source``, ``model``, ``loss``) and the
+Hydra run folder, and ``conf/exp/*.yaml`` hold each experiment's deltas from these defaults;
+``tests/test_config_defaults.py`` checks both, and refuses a YAML value that copies a default.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from clip_med.data.loader import LoaderConfig
+from clip_med.data.sources.synthetic import SyntheticSourceConfig
 from clip_med.data.transforms import AugmentConfig
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.evaluator import EvalConfig
@@ -22,13 +30,14 @@ class DataConfig:
     # URL or a pipe: command; the manifest must sit next to the shards. eval_shards: the held-out split.
     train_shards: Optional[str] = None
     eval_shards: Optional[str] = None
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    # Training's shuffle buffer: 500 samples (LoaderConfig's own default is 1000).
+    loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(shuffle_buffer=500))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
+    epochs: int = 12
     # Stop after this many optimizer steps even if epochs remain (None: run all epochs).
     max_steps: Optional[int] = None
     device: str = "auto"  # auto | cpu | cuda
@@ -43,7 +52,7 @@ class TrainerConfig:
     # DDP options: SyncBatchNorm for BatchNorm towers (CUDA only), DDP's static_graph optimisation.
     sync_batchnorm: bool = False
     ddp_static_graph: bool = False
-    checkpoint_every_steps: int = 100
+    checkpoint_every_steps: int = 50
     # Also checkpoint when this many minutes passed since the last one (None: by steps only).
     checkpoint_every_minutes: Optional[float] = None
     keep_checkpoints: int = 3
@@ -56,8 +65,11 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    source: Any = None  # a SourceConfig subclass, chosen by the `source` config group
-    shards: ShardConfig = field(default_factory=ShardConfig)
+    # A SourceConfig subclass, chosen by the `source` config group (default: the synthetic set
+    # the package generates itself, no download).
+    source: Any = field(default_factory=SyntheticSourceConfig)
+    # Training writes shards of 200 samples (the shard command keeps ShardConfig's 1000).
+    shards: ShardConfig = field(default_factory=lambda: ShardConfig(max_samples=200))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -66,8 +78,16 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     # Where checkpoints, metrics and the report go (the Hydra entry point sets it to
-    # hydra.run.dir); None means runs/<source name>/<time stamp>.
+    # hydra.run.dir); None means runs/<run_name>/<time stamp>.
     run_dir: Optional[str] = None
-    run_name: str = "run"
+    # Names the default run folder runs/<run_name>/<time stamp> (conf/train.yaml's hydra.run.dir
+    # and resolve_run_dir); None means the source's name.
+    run_name: Optional[str] = None
     # Continue from a checkpoint: "latest" (this run's folder, then its siblings) or a path.
     resume: Optional[str] = None
+
+    def resolved_run_name(self) -> str:
+        """``run_name``, or the source's name when it is None ("run" without a source)."""
+        if self.run_name is not None:
+            return self.run_name
+        return getattr(self.source, "name", None) or "run"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+import torch
 
 from clip_med.core import distributed
 from clip_med.data.shardset import ShardSet
@@ -32,6 +35,19 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+class _EmbedOptions(TypedDict):
+    """The options both embed_split calls of :func:`_evaluate` share."""
+
+    transform: Callable
+    tokenizer: Callable
+    device: torch.device
+    batch_size: int
+    workers: int
+    precision: str
+    tasks: Sequence[str]
+    progress: bool
+
+
 def evaluate_run(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, info: distributed.DistInfo,
                  run_dir: Path, logger: MetricsLogger, step: int, write_files: bool = True,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -56,7 +72,7 @@ def _evaluate(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, info: 
     split = shard_set.held_out_split(cfg.data.train_split, cfg.eval.split)
     transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=False)
     precision = "bf16" if info.device.type == "cuda" else "fp32"
-    common = dict(transform=transform, tokenizer=bundle.tokenizer, device=info.device,
+    common = _EmbedOptions(transform=transform, tokenizer=bundle.tokenizer, device=info.device,
                   batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, precision=precision,
                   tasks=cfg.eval.tasks, progress=cfg.trainer.progress)
     held_out = embed_split(bundle.model, shard_set.urls(split), description=f"embed {split}", **common)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clip_med.core.io import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +29,8 @@ class MetricsLogger:
             return
         record = {"step": step, "time": round(time.time(), 3),
                   **{f"{prefix}/{key}": value for key, value in values.items()}}
+        # An append-only stream, on purpose not atomic_write: readers parse it line by line and skip a last
+        # line cut short by a kill (_parse); drop_after rewrites it atomically.
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=_jsonable) + "\n")
         if self.writer is not None:
@@ -44,9 +48,7 @@ class MetricsLogger:
                 record = _parse(line)
                 if record is not None and record.get("step", 0) <= step:
                     kept.append(json.dumps(record) + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(kept))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from open_clip_train.scheduler import const_lr, cosine_lr
@@ -12,12 +12,12 @@ from open_clip_train.scheduler import const_lr, cosine_lr
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     # Warm-up length: steps if >= 1, else a fraction of all training steps.
-    warmup: float = 0.05
+    warmup: float = 0.1
     schedule: str = "cosine"  # cosine | const
     grad_clip_norm: Optional[float] = 1.0
 
@@ -33,7 +33,7 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Op
         {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cast("tuple[float, float]", tuple(cfg.betas)), eps=cfg.eps)
 
 
 SCHEDULES = {"cosine": cosine_lr, "const": const_lr}

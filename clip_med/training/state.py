@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 
 from clip_med.core import distributed
-from clip_med.data.loader import WorkerPosition, batch_position, merge_counts
+from clip_med.core.counting import merge_counts
+from clip_med.data.loader import WorkerPosition, batch_position
 from clip_med.training.checkpoint import restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)

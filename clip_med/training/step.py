@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from clip_med.core.precision import autocast_context
+from clip_med.modeling.factory import clip_model
 from clip_med.modeling.losses import total_loss
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def _accumulated(parts: StepParts, inputs: list[tuple[torch.Tensor, torch.Tensor
             features = {key: torch.cat(chunks[:j] + [out[key]] + chunks[j + 1:]) for key, chunks in cached.items()}
             loss = total_loss(parts.loss_fn(**features, **scalars, output_dict=True))
         _backward(loss, parts.scaler)
+    assert loss is not None  # forward_backward passes two or more micro-batches here
     return loss.detach()
 
 
@@ -135,7 +137,7 @@ def apply_update(parts: StepParts) -> None:
     else:
         parts.optimizer.step()
     with torch.no_grad():
-        parts.raw.logit_scale.clamp_(0, math.log(100))
+        clip_model(parts.raw).logit_scale.clamp_(0, math.log(100))
 
 
 def skip_update(parts: StepParts) -> None:

@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from clip_med.core import distributed
 from clip_med.data.loader import create_train_loader, effective_workers, steps_per_epoch
 from clip_med.data.shardset import ShardSet, open_shard_set, prepare_shards
 from clip_med.data.transforms import create_transform
-from clip_med.modeling.factory import ModelBundle, count_parameters, create_model
+from clip_med.modeling.factory import ModelBundle, clip_model, count_parameters, create_model
 from clip_med.modeling.losses import create_loss, model_kwargs_for
 from clip_med.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from clip_med.training.config import TrainConfig
@@ -80,7 +80,7 @@ class EpochPlan:
 def resolve_run_dir(cfg: TrainConfig) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
-    return Path("runs") / cfg.run_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("runs") / cfg.resolved_run_name() / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def prepare_data(cfg: TrainConfig, info: distributed.DistInfo) -> ShardSet:
@@ -183,7 +183,8 @@ def _micro_batch_groups(loader, accum: int) -> Iterator[list[dict]]:
 
 def _checkpoint_due(run: _Run) -> bool:
     minutes = run.cfg.trainer.checkpoint_every_minutes
-    return bool(minutes) and run.info.is_main and time.monotonic() - run.last_checkpoint_time >= minutes * 60
+    return (minutes is not None and bool(minutes) and run.info.is_main
+            and time.monotonic() - run.last_checkpoint_time >= minutes * 60)
 
 
 def _handle_nonfinite(run: _Run) -> None:
@@ -232,6 +233,8 @@ def _run_epoch(run: _Run) -> None:
     window = (time.perf_counter(), 0)
     while more and state.epoch_step < steps:
         group, lr = pending, run.scheduler(state.step)
+        # `more` holds only while a group is pending (after the last step the loop condition ends it)
+        assert group is not None
         loss, finite = _train_step(run, group)
         last = state.epoch_step + 1 >= steps
         pending = None if last else next(groups, None)
@@ -282,7 +285,7 @@ def _log_step(run: _Run, progress: EpochProgress, loss: float | None, lr: float,
     values = {
         "loss": loss_sum / info.world_size,
         "lr": lr,
-        "logit_scale": float(run.parts.raw.logit_scale.detach().exp()),
+        "logit_scale": float(clip_model(run.parts.raw).logit_scale.detach().exp()),
         "samples_per_s": rate,
         "epoch": state.epoch + state.epoch_step / run.plan.steps[state.epoch],
         "data_errors": sum(state.data_errors.values()),
@@ -291,7 +294,7 @@ def _log_step(run: _Run, progress: EpochProgress, loss: float | None, lr: float,
     if info.device.type == "cuda":
         values["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
     run.logger.log(state.step, values)
-    postfix = {"loss": f"{values['loss']:.3f}", "lr": f"{lr:.2e}", "sps": f"{rate:.0f}"}
+    postfix: dict[str, str | float] = {"loss": f"{values['loss']:.3f}", "lr": f"{lr:.2e}", "sps": f"{rate:.0f}"}
     if state.data_errors:
         postfix["skipped"] = values["data_errors"]
     bar.set_postfix(**postfix)
@@ -311,17 +314,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         distributed.cleanup(info)
 
 
-def _find_checkpoint(cfg: TrainConfig, run_dir: Path, info: distributed.DistInfo) -> tuple[str, dict] | None:
+def _find_checkpoint(resume: str, run_dir: Path, info: distributed.DistInfo) -> tuple[str, dict] | None:
     """Rank 0 picks the checkpoint and every rank loads that same one (sent by rank 0 where a rank cannot see it)."""
-    found = find_resume_checkpoint(cfg.resume, run_dir) if info.is_main else None
+    found = find_resume_checkpoint(resume, run_dir) if info.is_main else None
     path = distributed.broadcast_object(str(found[0]) if found else None, info)
     if path is None:
         return None
+    checkpoint: dict[str, Any] | None
     if info.is_main:
+        assert found is not None  # rank 0 sent a path, so it found a checkpoint
         checkpoint = found[1]
     else:
         checkpoint = load_checkpoint(path) if Path(path).is_file() else None
-    if distributed.all_true([checkpoint is not None], info)[0]:
+    # (all_true is collective: every rank calls it; when it holds, this rank's checkpoint is there too)
+    if distributed.all_true([checkpoint is not None], info)[0] and checkpoint is not None:
         return path, checkpoint
     if checkpoint is None:
         log.warning("checkpoint %s is not visible from rank %d: receiving it from rank 0", path, info.rank)
@@ -330,6 +336,7 @@ def _find_checkpoint(cfg: TrainConfig, run_dir: Path, info: distributed.DistInfo
 
 
 def _wrap_model(cfg: TrainConfig, bundle: ModelBundle, info: distributed.DistInfo):
+    model: torch.nn.Module | Callable[..., Any]  # torch.compile gives a plain callable
     model, ddp = bundle.model, None
     if info.distributed:
         if cfg.trainer.sync_batchnorm:
@@ -355,7 +362,7 @@ def _build_run(cfg: TrainConfig, info: distributed.DistInfo, run_dir: Path) -> t
     scaler = create_grad_scaler(precision, info.device)
     state, resumed_from = TrainState(), None
     if cfg.resume:
-        found = _find_checkpoint(cfg, run_dir, info)
+        found = _find_checkpoint(cfg.resume, run_dir, info)
         if found is None:
             log.info("resume=%s: no checkpoint found, starting from step 0", cfg.resume)
         else:

@@ -11,8 +11,9 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, TypeVar, cast
 
+from clip_med.core.errors import UnknownName
 from clip_med.data.record import Record
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ class SourceConfig:
 
 
 Reader = Callable[[SourceConfig], "dict[str, list[Record]]"]
+# A reader takes its own config subclass; the registry stores it as a plain Reader, since
+# read_source checks isinstance(cfg, spec.config_class) before calling it.
+ConfigT = TypeVar("ConfigT", bound=SourceConfig)
+TypedReader = Callable[[ConfigT], "dict[str, list[Record]]"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,11 @@ SOURCES: dict[str, SourceSpec] = {}
 _BUILTIN_MODULES = ("synthetic", "medpix", "roco", "pmc_oa", "generic", "dicom")
 
 
-def register_source(name: str, config_class: type) -> Callable[[Reader], Reader]:
-    def decorator(read: Reader) -> Reader:
-        SOURCES[name] = SourceSpec(name, config_class, read)
+def register_source(
+    name: str, config_class: type[ConfigT]
+) -> Callable[[TypedReader[ConfigT]], TypedReader[ConfigT]]:
+    def decorator(read: TypedReader[ConfigT]) -> TypedReader[ConfigT]:
+        SOURCES[name] = SourceSpec(name, config_class, cast(Reader, read))
         return read
 
     return decorator
@@ -63,7 +70,7 @@ def get_source(name: str) -> SourceSpec:
     try:
         return SOURCES[name]
     except KeyError:
-        raise KeyError(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
+        raise UnknownName(f"unknown source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
 
 
 def all_sources() -> dict[str, SourceSpec]:

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from clip_med.core.errors import UnknownName
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import SourceConfig
 from clip_med.data.text import decode_caption, render_text
 from clip_med.labels import taxonomy
 from clip_med.labels.caption_rules import labels_for_texts
 
-TASKS = ("modality", "anatomy")
+TASKS = tuple(taxonomy.TASKS)  # the taxonomy's tasks, in its order
 IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"]
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 SPLIT_DIR_NAMES = ("train", "training", "dev", "val", "valid", "validation", "test", "testing")
@@ -216,7 +217,7 @@ def read_table(path: str | Path, fmt: Optional[str] = None) -> Iterator[tuple[in
 def require_columns(row: dict[str, Any], columns: list[str], path: str | Path) -> None:
     missing = [column for column in columns if column not in row]
     if missing:
-        raise KeyError(f"{path} has no column(s) {missing}; it has {sorted(row)}. "
+        raise UnknownName(f"{path} has no column(s) {missing}; it has {sorted(row)}. "
                        "Set source.image_column / source.caption_column (etc.) to the right names.")
 
 

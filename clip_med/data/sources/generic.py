@@ -130,8 +130,8 @@ def read_table_source(cfg: TableSourceConfig) -> dict[str, list[Record]]:
     tables = {cfg.split: cfg.path} if cfg.path else dict(cfg.files)
     template = cfg.text_template or "{caption}"
     pairs = []
-    for split, table in tables.items():
-        table = Path(table).expanduser()
+    for split, table_name in tables.items():
+        table = Path(table_name).expanduser()
         base = Path(cfg.image_root).expanduser() if cfg.image_root else table.parent
         pairs += [_table_pair(row, line, table, split, base, cfg) for line, row in read_table(table, cfg.format)]
     records = build_records(pairs, template)
