@@ -4,14 +4,15 @@ stages of ``clip_med.data.pipeline`` (the one shard-reading pipeline; extraction
 Training pipeline, per epoch::
 
     epoch_shards (shuffled by seed+epoch) -> split_shards (by rank, then by loader worker)
-    -> read_tar -> check_shard_lengths -> seeded_shuffle -> skip_consumed
-    -> keep_members + decode (images and text only) -> to_sample -> batch
+    -> read_tar (image and text members only) -> check_shard_lengths -> seeded_shuffle -> skip_consumed
+    -> decode -> to_sample -> batch
     -> collate (tokenize, tag with worker position and error counts)
 
 Errors are logged (with the shard URL and sample key) and counted: anything that goes wrong
 while reading a tar, or a shard that ends before its manifest count, counts once as
 ``bad_shard``; a sample that cannot be decoded or has no image or text as ``bad_image`` or
-``bad_sample``; a member clip_med does not write (``.pyd``, ``.pth``, ...) as ``foreign_member``.
+``bad_sample``; a member clip_med does not write (``.pyd``, ``.pth``, ...) as ``foreign_member``
+(skipped unread).
 Batches carry each worker's running counts to the trainer. Only image and text (and, for
 evaluation, json) members are decoded, never unpickled (see ``clip_med.data.pipeline``).
 
@@ -237,19 +238,24 @@ def sample_sentences(text: str, keep_prob: float, rng: random.Random) -> str:
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
-    """Seed torch's CPU and Python's global RNGs (torchvision and open_clip transforms use both), then restore them.
+    """Seed torch's CPU and Python's global RNGs (torchvision and open_clip transforms use both).
 
+    In the training process (a loader without workers) their states are restored afterwards, so
+    that loading data does not move the training's random stream; a loader worker process has
+    no other user of them, and every sample reseeds, so there they are left as they are.
     Only the CPU generator is touched: ``torch.manual_seed`` would also queue a lazy seed for
     every accelerator backend, which costs more than decoding a small image.
     """
-    python_state, torch_state = random.getstate(), torch.default_generator.get_state()
+    in_worker = torch.utils.data.get_worker_info() is not None
+    saved = None if in_worker else (random.getstate(), torch.default_generator.get_state())
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     try:
         yield
     finally:
-        random.setstate(python_state)
-        torch.default_generator.set_state(torch_state)
+        if saved is not None:
+            random.setstate(saved[0])
+            torch.default_generator.set_state(saved[1])
 
 
 def to_sample(transform: Callable, seed: int, epoch: int, text_sampling: str,
@@ -365,11 +371,10 @@ def create_train_loader(urls: Sequence[str], transform: Callable, tokenizer: Cal
         return wds.DataPipeline(
             epoch_shards(urls, epoch, seed, shuffle=True),
             split_shards(rank, world_size, first_worker, stream_errors.opening),
-            pipeline.read_tar(stream_errors),
+            pipeline.read_tar(stream_errors, TRAIN_DECODE),
             check_shard_lengths(shard_counts, stream_errors),
             seeded_shuffle(cfg.shuffle_buffer, seed, epoch, rank, first_worker),
             skip_consumed(positions, first_worker),
-            pipeline.keep_members(TRAIN_DECODE, sample_errors),
             pipeline.decode(TRAIN_DECODE, sample_errors),
             pipeline.transform(to_sample(transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob),
                                sample_errors),
@@ -393,8 +398,7 @@ def create_eval_loader(urls: Sequence[str], transform: Callable, tokenizer: Call
         stream_errors, sample_errors = ShardErrorCounter(), ErrorCounter(shard_errors=False)
         return wds.DataPipeline(
             *pipeline.open_shards(urls, stream_errors, split_by_node),
-            pipeline.read_tar(stream_errors),
-            pipeline.keep_members(EVAL_DECODE, sample_errors),
+            pipeline.read_tar(stream_errors, EVAL_DECODE),
             pipeline.decode(EVAL_DECODE, sample_errors),
             pipeline.transform(to_sample(transform, 0, 0, "full", 1.0), sample_errors),
             pipeline.batch(batch_size, partial=True),

@@ -4,16 +4,16 @@ Training, evaluation, probing (``clip_med.data.loader``) and extraction
 (``clip_med.inference.extract``) all read shards as::
 
     open_shards (list, split by node and by worker)  [training: its seeded, rank-split shard order]
-    -> read_tar (broken shards counted once each)
+    -> read_tar (only the members the pipeline uses are read: every one clip_med does not write is
+                 skipped unread, counted and logged; broken shards counted once each)
     -> ... (training only: check_shard_lengths, seeded_shuffle, skip_consumed)
-    -> keep_members (every member clip_med does not write is dropped here, counted and logged)
     -> decode (images, txt and json only, by clip_med's own handlers)
     -> transform -> batch -> tokenize (the loader's collate function)
 
 Nothing in a shard is ever unpickled. webdataset's default decoders would unpickle ``.pyd``/
 ``.pkl``/``.pickle`` members and ``torch.load`` ``.pth`` ones, so a shard from elsewhere could
 run code; here members of any extension but those the writer produces (``IMAGE_KEYS``, ``txt``,
-``json``) are removed before decoding, and decoding itself never consults webdataset's default
+``json``) are never even read, and decoding itself never consults webdataset's default
 handler table (``pre=[]``, ``post=[]``, ``only=`` the same extensions).
 
 Where a shard URL points is decided here too (:func:`is_local`): local paths and brace
@@ -166,39 +166,38 @@ def open_shards(urls: Sequence[str], errors: ShardErrorCounter, split_by_node: b
     return [*stages, wds.split_by_worker, announce_shards(errors.opening)]
 
 
-def read_tar(errors: ShardErrorCounter) -> Callable[[Iterator], Iterator]:
-    """Shards -> raw samples (member bytes by extension); a broken shard is counted once, its samples read so far
-    kept."""
-    return wds.tarfile_to_samples(handler=errors)
+def read_tar(errors: ShardErrorCounter, extensions: Collection[str]) -> Callable[[Iterator], Iterator]:
+    """Shards -> raw samples holding only the members named by ``extensions`` (member bytes by extension).
 
-
-def keep_members(extensions: Collection[str], errors: ErrorCounter) -> Callable[[Iterator], Iterator]:
-    """Keep only the members named by ``extensions`` (and webdataset's ``__key__``-style fields).
-
-    A member clip_med never writes (``.pyd``, ``.pth``, ``.npy``, ...) is dropped before anything
-    decodes it, counted as ``foreign_member`` and logged the first time its extension is met;
-    one clip_med writes but this pipeline does not use (training's ``json``) is dropped quietly.
+    A broken shard is counted once, its samples read so far kept. Members are chosen by name
+    before their bytes are read: one clip_med never writes (``.pyd``, ``.pth``, ``.npy``, ...) is
+    skipped unread, counted as ``foreign_member`` on ``errors`` (so a replayed stream counts it
+    again rather than twice) and logged the first time its extension is met; one clip_med writes
+    but this pipeline does not use (training's ``json``) is skipped quietly.
     """
+    return wds.tarfile_to_samples(handler=errors, select_files=member_filter(extensions, errors))
+
+
+def member_filter(extensions: Collection[str], errors: ShardErrorCounter) -> Callable[[str], bool]:
+    """The name predicate of :func:`read_tar`: whether to read a tar member (webdataset's key/extension split)."""
     keep = frozenset(extensions)
+    logged: set[str] = set()
 
-    def stage(src):
-        logged: set[str] = set()
-        for sample in src:
-            kept = {}
-            for name, value in sample.items():
-                if name.startswith("__") or name in keep:
-                    kept[name] = value
-                elif name not in SHARD_MEMBERS:
-                    errors.counts[FOREIGN_MEMBER] += 1
-                    if name not in logged:
-                        logged.add(name)
-                        log.warning("dropping the .%s member of %s in %s undecoded (clip_med writes only %s; "
-                                    "such members are never decoded or unpickled; further ones are counted as %s)",
-                                    name, sample.get("__key__"), sample.get("__url__"),
-                                    ", ".join(sorted(SHARD_MEMBERS)), FOREIGN_MEMBER)
-            yield kept
+    def select(name: str) -> bool:
+        _, extension = wds.tariterators.base_plus_ext(name)
+        extension = extension.lower() if extension else ""
+        if extension in keep:
+            return True
+        if extension not in SHARD_MEMBERS:
+            errors.counts[FOREIGN_MEMBER] += 1
+            if extension not in logged:
+                logged.add(extension)
+                log.warning("skipping the member %s of %s unread (clip_med writes only %s; such members are never "
+                            "decoded or unpickled; further ones are counted as %s)", name, errors.current,
+                            ", ".join(sorted(SHARD_MEMBERS)), FOREIGN_MEMBER)
+        return False
 
-    return stage
+    return select
 
 
 def decode_image(key: str, data: bytes) -> Optional[Image.Image]:

@@ -214,8 +214,7 @@ class _Dataset(torch.utils.data.IterableDataset):
         stream_errors, sample_errors = ShardErrorCounter(), ErrorCounter(shard_errors=False)
         return iter(wds.DataPipeline(
             *pipeline.open_shards(self.urls, stream_errors),
-            pipeline.read_tar(stream_errors),
-            pipeline.keep_members(SHARD_MEMBERS, sample_errors),
+            pipeline.read_tar(stream_errors, SHARD_MEMBERS),
             pipeline.decode(SHARD_MEMBERS, sample_errors),
             pipeline.transform(_to_row(self.transform), sample_errors),
             _shard_batches(self.batch_size),
