@@ -1,6 +1,7 @@
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The DICOM id key (clip_med.data.dicom_deid) in a folder of the test run, not in ~/.config;
+# set here so that the commands the tests start inherit it too.
+os.environ.setdefault("CLIP_MED_ID_SECRET_FILE", str(Path(tempfile.mkdtemp(prefix="clip_med_tests_")) / "id_secret"))
 
 
 def pytest_addoption(parser):

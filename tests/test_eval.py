@@ -1,3 +1,5 @@
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,47 @@ def test_zero_shot_on_orthogonal_embeddings_is_exact():
     assert probs.argmax(1).tolist() == [0, 1, 0]
     assert np.allclose(probs.sum(1), 1.0)
     assert probs[0, 0] == pytest.approx(1 / (1 + np.exp(-100)))
+
+
+class HashTextModel(torch.nn.Module):
+    """encode_text: a fixed pseudo-random unit vector per text (seeded by its CRC)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.dim, self.dummy = dim, torch.nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, texts, normalize=True):
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(text.encode())))
+                for text in texts]
+        out = torch.stack(rows)
+        return out / out.norm(dim=1, keepdim=True) if normalize else out
+
+
+def _by_hand(model, prompts):
+    """Each class encoded on its own: the normalised mean of its own prompts' embeddings."""
+    columns = []
+    for texts in prompts.values():
+        mean = model.encode_text(_Texts(texts), normalize=True).mean(dim=0)
+        columns.append((mean / mean.norm()).numpy())
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("lengths", [(2, 3), (3, 2, 1), (1, 2, 3) * 5, (4, 4, 2)])
+def test_each_class_vector_is_the_mean_of_its_own_prompts(lengths):
+    model = HashTextModel()
+    prompts = {f"class {c}": [f"prompt {k} of class {c}" for k in range(n)] for c, n in enumerate(lengths)}
+    weights = zero_shot_weights(model, _identity_tokenizer, prompts)
+    assert weights.shape == (model.dim, len(lengths))
+    np.testing.assert_allclose(weights, _by_hand(model, prompts), atol=1e-6)
+
+
+def test_a_shorter_prompt_list_is_not_cycled():
+    # "ct" has prompts along two axes; cycling its 2 prompts up to 3 counted the first twice: (2, 1) / sqrt(5).
+    model = PromptModel(["CT", "MRI", "X-ray"])
+    prompts = {"ct": ["CT", "MRI"], "mr": ["MRI", "X-ray", "MRI"]}
+    weights = zero_shot_weights(model, _identity_tokenizer, prompts)
+    np.testing.assert_allclose(weights[:, 0], [2 ** -0.5, 2 ** -0.5, 0], atol=1e-6)
+    np.testing.assert_allclose(weights[:, 1], np.array([0, 2, 1]) / 5 ** 0.5, atol=1e-6)
 
 
 def test_label_prompts_from_taxonomy_or_user():

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from clip_med.core.bounds import check_bounds
 from clip_med.data.sources import all_sources
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -62,10 +63,13 @@ def to_object(cfg: DictConfig) -> Any:
     """The composed config as dataclass instances (what library functions take).
 
     Keys forced in with ``+key=value`` that the schema does not know are refused here (Hydra
-    lets ``+`` add them and OmegaConf would silently drop them).
+    lets ``+`` add them and OmegaConf would silently drop them), and so is a number outside the
+    range its dataclass field declares (:mod:`clip_med.core.bounds`).
     """
     _refuse_unknown_keys(cfg, "")
-    return OmegaConf.to_object(cfg)
+    config = OmegaConf.to_object(cfg)
+    check_bounds(config)  # every declared numeric range, named by its full key
+    return config
 
 
 def _refuse_unknown_keys(node: Any, path: str) -> None:

@@ -23,7 +23,26 @@ standard's order (PS3.3 C.11):
 6. Colour: pydicom converts YCbCr to RGB; PALETTE COLOR is expanded through its lookup table;
    more than 8 bits per sample are scaled by the stored bit depth.
 
-The size guard runs on the Rows/Columns tags *before* any pixel data is decoded.
+**Size guard, before anything is decoded** (:func:`check_pixel_data`). A codec decodes a frame at
+the size its own header gives, whatever Rows/Columns claim, so the guard reads what will be decoded:
+
+* Rows x Columns against ``shards.max_pixels``/``min_side`` (:class:`~clip_med.data.images.ImageLimits`,
+  the one place limits come from);
+* **encapsulated** Pixel Data: every frame's own header, found with pydicom's ``generate_frames`` and,
+  for the frame that is decoded, ``get_frame`` (the calls pydicom's decoder makes, with the same
+  Basic/Extended Offset Table): JPEG (baseline, extended, lossless) and JPEG-LS from the first
+  frame header (SOFn, SOF55, or DHP for hierarchical JPEG), JPEG 2000 / HTJ2K from the SIZ marker
+  (inside the ``jp2c`` box of a JP2 file), RLE from its segment count (its frame size is Rows x
+  Columns by construction). A frame whose size differs from Rows/Columns, or whose component count
+  differs from Samples per Pixel, is refused (``undecodable_dicom``, or ``too_many_pixels`` when it
+  is over the limit), and so is a file whose decoded frames together exceed ``max_pixels``. A
+  compressed transfer syntax whose frame header clip_med cannot read is refused rather than decoded
+  unchecked;
+* **native** Pixel Data: its length must be Rows x Columns x Samples x Bits Allocated / 8 x frames
+  (one padding byte allowed);
+* a **deflated** data set (Deflated Explicit VR Little Endian, which pydicom inflates whole in
+  memory) is inflated once in bounded chunks first and refused when it would exceed
+  ``shards.max_file_bytes``.
 
 pydicom's chatter (a warning per malformed tag, a logged traceback per failed decoding plugin) is
 kept out of the logs without switching process-wide state per call (reads run in threads): its
@@ -35,17 +54,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import logging
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from clip_med.data.dicom_deid import identifying_values, keyed_hash, load_id_key, scrub
 from clip_med.data.images import ImageLimits, ImageRejected, check_dimensions, check_file
 from clip_med.data.record import SkipReason
 from clip_med.labels import taxonomy
@@ -103,7 +124,12 @@ def _install_quiet_filters() -> None:
 
 @dataclass(frozen=True)
 class DicomInfo:
-    """The tags clip_med maps into labels and text (all strings, empty when absent)."""
+    """The tags clip_med maps into labels and text (all strings, empty when absent).
+
+    The descriptions are already cleaned (:func:`clip_med.data.dicom_deid.scrub`: the file's own
+    identifying values replaced); :meth:`text_fields` still leaves them, and sex and age, out
+    unless asked (see :mod:`clip_med.data.dicom_deid`).
+    """
 
     modality: str = ""
     body_part: str = ""
@@ -119,7 +145,7 @@ class DicomInfo:
     frames: int = 1
     rows: int = 0
     columns: int = 0
-    # Pseudonymous grouping keys: SHA-256 prefixes, never the identifiers themselves.
+    # Pseudonymous grouping keys: keyed hashes (HMAC-SHA256), never the identifiers themselves.
     patient_key: str = ""
     study_key: str = ""
 
@@ -137,8 +163,11 @@ class DicomInfo:
                 origin[task] = "description" if labels[task] != taxonomy.UNKNOWN else "none"
         return labels, origin
 
-    def text_fields(self) -> dict[str, Any]:
-        """Fields for a text template; ``description`` is "CT image of the head" or what is known of it."""
+    def text_fields(self, keep_descriptions: bool = False, keep_patient_characteristics: bool = False
+                    ) -> dict[str, Any]:
+        """Fields for a text template; ``description`` is "CT image of the head" or what is known of it.
+        The study/series/protocol descriptions, sex and age are empty unless kept (PS3.15's Clean
+        Descriptors and Retain Patient Characteristics options)."""
         labels, _ = self.labels()
         modality = taxonomy.display_name("modality", labels["modality"])
         anatomy = taxonomy.display_name("anatomy", labels["anatomy"])
@@ -150,13 +179,13 @@ class DicomInfo:
             "anatomy": anatomy or self.body_part.lower(),
             "modality_code": self.modality,
             "body_part": self.body_part.lower(),
-            "study_description": self.study_description,
-            "series_description": self.series_description,
-            "protocol_name": self.protocol_name,
+            "study_description": self.study_description if keep_descriptions else "",
+            "series_description": self.series_description if keep_descriptions else "",
+            "protocol_name": self.protocol_name if keep_descriptions else "",
             "view_position": self.view_position,
             "laterality": {"L": "left", "R": "right", "B": "bilateral"}.get(self.laterality, self.laterality),
-            "sex": {"F": "female", "M": "male"}.get(self.patient_sex, ""),
-            "age": self.patient_age,
+            "sex": {"F": "female", "M": "male"}.get(self.patient_sex, "") if keep_patient_characteristics else "",
+            "age": self.patient_age if keep_patient_characteristics else "",
         }
 
 
@@ -169,32 +198,46 @@ def _text(ds, keyword: str) -> str:
     return " ".join(str(value).split())
 
 
-def _pseudonym(value: str) -> str:
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:16] if value else ""
+def _pseudonym(key: bytes | None, kind: str, value: str) -> str:
+    return keyed_hash(key, kind, value) if value and key is not None else ""
 
 
-def read_header(path: str | Path):
+def read_header(path: str | Path, limits: ImageLimits | None = None):
     """The dataset without its pixel data. Raises :class:`ImageRejected` for non-DICOM files."""
     pydicom = _pydicom()
+    _check_deflated(str(path), limits or ImageLimits())
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        with _quiet_pydicom():  # its warnings name the file, whose path may name the patient
+            return pydicom.dcmread(str(path), stop_before_pixels=True)
     except pydicom.errors.InvalidDicomError:
         raise ImageRejected(SkipReason.NOT_AN_IMAGE, f"{path} is not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ImageRejected(SkipReason.UNDECODABLE_DICOM, f"{path}: cannot read the header ({exc})") from None
 
 
-def dicom_tags(source: Any) -> DicomInfo:
-    """The mapped tags of a DICOM file (a path) or an already-read pydicom dataset."""
+def dicom_tags(source: Any, key: bytes | None = None) -> DicomInfo:
+    """The mapped tags of a DICOM file (a path) or an already-read pydicom dataset; the pseudonyms
+    are keyed with ``key`` (default: :func:`clip_med.data.dicom_deid.load_id_key`)."""
     ds = read_header(source) if isinstance(source, str | Path) else source
+    return _tags(ds, key if key is not None else load_id_key(), clean=True)
+
+
+def _tags(ds, key: bytes | None, clean: bool = False) -> DicomInfo:
+    """The tags; no pseudonyms without ``key``, descriptions cleaned only with ``clean`` (the pixel path
+    needs neither)."""
+    words, strings = identifying_values(ds) if clean else ([], [])
+
+    def description(keyword: str) -> str:
+        return scrub(_text(ds, keyword), words, strings) if clean else ""
+
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     return DicomInfo(
         modality=_text(ds, "Modality").upper(),
         body_part=_text(ds, "BodyPartExamined").upper(),
-        study_description=_text(ds, "StudyDescription"),
-        series_description=_text(ds, "SeriesDescription"),
-        protocol_name=_text(ds, "ProtocolName"),
+        study_description=description("StudyDescription"),
+        series_description=description("SeriesDescription"),
+        protocol_name=description("ProtocolName"),
         view_position=_text(ds, "ViewPosition"),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         patient_sex=_text(ds, "PatientSex").upper(),
@@ -204,8 +247,8 @@ def dicom_tags(source: Any) -> DicomInfo:
         frames=_int(ds.get("NumberOfFrames"), 1),
         rows=_int(ds.get("Rows"), 0),
         columns=_int(ds.get("Columns"), 0),
-        patient_key=_pseudonym(_text(ds, "PatientID")),
-        study_key=_pseudonym(_text(ds, "StudyInstanceUID")),
+        patient_key=_pseudonym(key, "patient", _text(ds, "PatientID")),
+        study_key=_pseudonym(key, "study", _text(ds, "StudyInstanceUID")),
     )
 
 
@@ -220,11 +263,41 @@ def _int(value: Any, default: int) -> int:
 # Pixels
 
 
-def _read_dataset(path: str):
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zipped
+
+
+def _check_deflated(path: str, limits: ImageLimits) -> None:
+    """pydicom inflates a deflated data set whole, in memory: measure it first, in bounded chunks."""
     pydicom = _pydicom()
     try:
+        with open(path, "rb") as handle:
+            if handle.read(132)[128:] != b"DICM":
+                return
+            # read as dcmread reads it (with or without a group length), leaving the file at the data set
+            meta = pydicom.filereader._read_file_meta_info(handle)
+            if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_SYNTAX:
+                return
+            inflater, size = zlib.decompressobj(-zlib.MAX_WBITS), 0
+            while chunk := handle.read(1 << 20):
+                while chunk:
+                    size += len(inflater.decompress(chunk, 1 << 22))
+                    chunk = inflater.unconsumed_tail
+                    if size > limits.max_file_bytes:
+                        raise ImageRejected(SkipReason.FILE_TOO_LARGE,
+                                            f"{path}: its deflated data set inflates to more than "
+                                            f"shards.max_file_bytes={limits.max_file_bytes} bytes")
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zlib.error,
+            pydicom.errors.InvalidDicomError):
+        return  # not readable as DICOM: dcmread reports it with its own reason
+
+
+def _read_dataset(path: str, limits: ImageLimits):
+    pydicom = _pydicom()
+    _check_deflated(path, limits)
+    try:
         # Deferred: the pixel data is read when one frame is decoded, not here.
-        return pydicom.dcmread(path, defer_size="64 KB")
+        with _quiet_pydicom():
+            return pydicom.dcmread(path, defer_size="64 KB")
     except pydicom.errors.InvalidDicomError:
         raise ImageRejected(SkipReason.NOT_AN_IMAGE, f"{path} is not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -251,9 +324,174 @@ def _decode_frame(ds, path: str, frames: int) -> np.ndarray:
             return pixel_array(ds, index=index)
     except (RuntimeError, NotImplementedError, ValueError, TypeError, KeyError, AttributeError, EOFError,
             OSError, IndexError) as exc:
-        syntax = dicom_tags(ds).transfer_syntax or "unknown transfer syntax"
+        syntax = _tags(ds, None).transfer_syntax or "unknown transfer syntax"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ImageRejected(SkipReason.UNDECODABLE_DICOM, f"{path} ({syntax}): {reason}") from None
+
+
+# JPEG frame headers (ITU T.81 B.2.2; T.87 for JPEG-LS): SOF0..SOF15 except DHT (C4), JPG (C8) and
+# DAC (CC), plus DHP (DE, hierarchical: the whole image's size) and SOF55 (F7, JPEG-LS).
+_JPEG_FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(columns, rows, components) from a JPEG / JPEG-LS stream's first frame header, or None."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    index = 2
+    while index + 4 <= len(data):
+        if data[index] != 0xFF:
+            return None
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            index += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = int.from_bytes(data[index + 2:index + 4], "big")
+        if marker in _JPEG_FRAME_MARKERS:
+            header = data[index + 4:index + 10]  # precision, rows, columns, components
+            if len(header) < 6:
+                return None
+            return int.from_bytes(header[3:5], "big"), int.from_bytes(header[1:3], "big"), header[5]
+        if length < 2:
+            return None
+        index += 2 + length
+    return None
+
+
+def _j2k_codestream(data: bytes) -> bytes | None:
+    """The codestream of a raw J2K stream, or of the ``jp2c`` box of a JP2 file."""
+    if data[:2] == b"\xff\x4f":
+        return data
+    if not data.startswith(_JP2_SIGNATURE):
+        return None
+    index = 0
+    while index + 8 <= len(data):
+        length, kind, header = int.from_bytes(data[index:index + 4], "big"), data[index + 4:index + 8], 8
+        if length == 1:  # the length is in the next 8 bytes
+            length, header = int.from_bytes(data[index + 8:index + 16], "big"), 16
+        elif length == 0:  # the last box runs to the end
+            length = len(data) - index
+        if kind == b"jp2c":
+            return data[index + header:index + length]
+        if length < header:
+            return None
+        index += length
+    return None
+
+
+def _j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(columns, rows, components) from a JPEG 2000 / HTJ2K codestream's SIZ marker (T.800 A.5.1)."""
+    stream = _j2k_codestream(data)
+    if stream is None or stream[2:4] != b"\xff\x51" or len(stream) < 42:
+        return None
+    x, y, x_offset, y_offset = (int.from_bytes(stream[start:start + 4], "big") for start in (8, 12, 16, 20))
+    return x - x_offset, y - y_offset, int.from_bytes(stream[40:42], "big")
+
+
+def _rle_frame_size(data: bytes, columns: int, rows: int) -> tuple[int, int, int] | None:
+    """RLE frames decode to Rows x Columns by construction; the header gives the segment count."""
+    if len(data) < 64:
+        return None
+    return columns, rows, int.from_bytes(data[:4], "little")
+
+
+def _frame_size(syntax: Any, data: bytes, columns: int, rows: int) -> tuple[int, int, int] | None:
+    from pydicom import uid
+
+    if syntax in uid.JPEG2000TransferSyntaxes:
+        return _j2k_frame_size(data)
+    if syntax in uid.JPEGTransferSyntaxes or syntax in uid.JPEGLSTransferSyntaxes:
+        return _jpeg_frame_size(data)
+    if syntax == uid.RLELossless:
+        return _rle_frame_size(data, columns, rows)
+    return None
+
+
+def check_pixel_data(ds, path: str, limits: ImageLimits, decoded: list[int]) -> None:
+    """Refuse pixel data that would decode to more than its header says, before decoding anything.
+
+    ``decoded`` are the frame indices that will be decoded (their total is held to ``max_pixels``).
+    See the module docstring for what is checked per transfer syntax.
+    """
+    from pydicom import uid
+    from pydicom.encaps import generate_frames, get_frame
+
+    info = _tags(ds, None)
+    rows, columns, frames = info.rows, info.columns, max(info.frames, 1)
+    samples = _int(ds.get("SamplesPerPixel"), 1)
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if "PixelData" in ds and syntax is not None and syntax.is_encapsulated:
+        where = f"{path} ({info.transfer_syntax})"
+        expected_components = samples * ((_int(ds.get("BitsAllocated"), 8) + 7) // 8) \
+            if syntax == uid.RLELossless else samples
+        offsets = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        data = ds.PixelData
+
+        def check(frame: bytes, number: int) -> int:
+            size = _frame_size(syntax, frame, columns, rows)
+            if size is None:
+                raise ImageRejected(SkipReason.UNDECODABLE_DICOM,
+                                    f"{where}: cannot read the header of frame {number} to check its size "
+                                    "before decoding; not decoded")
+            width, height, components = size
+            if width * height > limits.max_pixels:
+                raise ImageRejected(SkipReason.TOO_MANY_PIXELS,
+                                    f"{where}: frame {number} decodes to {width}x{height} = {width * height} pixels "
+                                    f"> shards.max_pixels={limits.max_pixels} (Rows x Columns say {columns}x{rows}; "
+                                    "a decompression-bomb guard)")
+            if (width, height) != (columns, rows) or components != expected_components:
+                raise ImageRejected(SkipReason.UNDECODABLE_DICOM,
+                                    f"{where}: frame {number} is {width}x{height} with {components} component(s), "
+                                    f"but Rows x Columns x Samples per Pixel say {columns}x{rows}x"
+                                    f"{expected_components}; not decoded")
+            return width * height
+
+        try:
+            with _quiet_pydicom():
+                count = 0
+                for number, frame in enumerate(generate_frames(data, number_of_frames=frames,
+                                                               extended_offsets=offsets), 1):
+                    check(frame, number)
+                    count = number
+                total = sum(check(get_frame(data, index, number_of_frames=frames, extended_offsets=offsets),
+                                  index + 1) for index in decoded)
+        except ImageRejected:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, EOFError, OSError, struct_error) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ImageRejected(SkipReason.UNDECODABLE_DICOM,
+                                f"{where}: cannot split the pixel data into frames ({reason})") from None
+        if count < frames:
+            raise ImageRejected(SkipReason.UNDECODABLE_DICOM,
+                                f"{where}: Number of Frames says {frames} but the pixel data holds {count}")
+        if total > limits.max_pixels:
+            raise ImageRejected(SkipReason.TOO_MANY_PIXELS,
+                                f"{where}: the {len(decoded)} frame(s) decoded hold {total} pixels "
+                                f"> shards.max_pixels={limits.max_pixels}")
+        return
+    for keyword, bits_default in (("PixelData", 8), ("FloatPixelData", 32), ("DoubleFloatPixelData", 64)):
+        if keyword in ds:
+            element = ds.get_item(keyword)
+            length = getattr(element, "length", None)
+            if length is None or length == 0xFFFFFFFF:
+                length = len(ds[keyword].value or b"")
+            bits = _int(ds.get("BitsAllocated"), bits_default)
+            expected = (rows * columns * samples * frames * bits + 7) // 8
+            if length not in (expected, expected + 1):
+                raise ImageRejected(SkipReason.UNDECODABLE_DICOM,
+                                    f"{path}: its pixel data is {length} bytes, but Rows x Columns x Samples per Pixel "
+                                    f"x Bits Allocated x frames = {rows}x{columns}x{samples}x{bits}x{frames} bits "
+                                    f"= {expected} bytes; not decoded")
+            return
 
 
 def _functional_group_item(ds, sequence: str, item: str):
@@ -373,12 +611,12 @@ def _colour(array: np.ndarray, ds, photometric: str) -> Image.Image:
 
 def dataset_to_image(ds, path: str, limits: ImageLimits) -> Image.Image:
     """One 8-bit ``L`` or ``RGB`` image from a dataset (the module docstring gives the steps)."""
+    info = _tags(ds, None)
     if not any(tag in ds for tag in PIXEL_DATA_TAGS):
-        info = dicom_tags(ds)
         raise ImageRejected(SkipReason.NO_PIXEL_DATA,
                             f"{path} has no pixel data (modality {info.modality or '?'}): not an image")
-    info = dicom_tags(ds)
     check_dimensions(info.columns, info.rows, limits, path)
+    check_pixel_data(ds, path, limits, [info.frames // 2] if info.frames > 1 else [0])
     array = _decode_frame(ds, path, info.frames)
     photometric = info.photometric or "MONOCHROME2"
     if array.ndim == 3 and array.shape[-1] in (3, 4) or photometric == "PALETTE COLOR":
@@ -392,5 +630,5 @@ def read_dicom_file(path: str, limits: ImageLimits, max_side: int | None = None)
     """The ``"dicom"`` decoder: a DICOM file -> (8-bit PIL image, None). ``max_side`` is applied
     later by the writer (DICOM codecs cannot decode at a reduced scale)."""
     check_file(path, limits)
-    ds = _read_dataset(path)
+    ds = _read_dataset(path, limits)
     return dataset_to_image(ds, path, limits), None

@@ -41,6 +41,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.utils import pytorch_worker_info
 
+from clip_med.core.bounds import bounded
 from clip_med.data import pipeline
 from clip_med.data.pipeline import (
     IMAGE_KEYS,
@@ -62,18 +63,18 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 64
-    workers: int = 2
-    shuffle_buffer: int = 1000
+    batch_size: int = bounded(64, minimum=1)
+    workers: int = bounded(2, minimum=0)
+    shuffle_buffer: int = bounded(1000, minimum=0)
     # "full" uses the whole training text; "sentences" keeps each sentence with probability
     # sentence_keep_prob (at least one), a text augmentation that also teaches the text tower
     # that short prompts and long reports describe the same image.
     text_sampling: str = "sentences"
-    sentence_keep_prob: float = 0.5
-    prefetch_factor: int = 4
+    sentence_keep_prob: float = bounded(0.5, minimum=0, maximum=1)
+    prefetch_factor: int = bounded(4, minimum=1)
     # Added to the loader worker processes' niceness (Unix), so that on a CPU-bound machine the
     # training step wins when both want a core; the loader keeps up from the idle time. 0: off.
-    worker_niceness: int = 5
+    worker_niceness: int = bounded(5, minimum=0, maximum=19)
 
 
 @dataclass

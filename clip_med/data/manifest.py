@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_med.core.io import write_json_atomic  # noqa: F401  (re-exported: written through clip_med.core.io)
+from clip_med.core.names import check_name, check_shard_file
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -42,6 +43,8 @@ class Manifest:
     # folder, config or none (see clip_med.data.record.Record.label_origin).
     label_origins: dict[str, dict[str, int]] = field(default_factory=dict)
     complete: bool = True
+    # What the source kept, dropped, cleaned and hashed of its inputs (DICOM: clip_med.data.dicom_deid.summary).
+    deidentification: dict[str, Any] = field(default_factory=dict)
 
     @property
     def written_count(self) -> int:
@@ -83,11 +86,12 @@ class Manifest:
             label_counts=data["label_counts"],
             label_origins=data.get("label_origins", {}),
             complete=data.get("complete", True),
+            deidentification=data.get("deidentification", {}),
         )
 
 
 def manifest_path(out_dir: str | Path, split: str) -> Path:
-    return Path(out_dir) / f"{split}{MANIFEST_SUFFIX}"
+    return Path(out_dir) / f"{check_name(split, 'split name')}{MANIFEST_SUFFIX}"
 
 
 def save_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
@@ -106,9 +110,18 @@ def parse_manifest(data: str | bytes, source: str | Path) -> Manifest:
     Raises :class:`ManifestError` naming ``source`` for anything that is not a clip_med manifest.
     """
     try:
-        return Manifest.from_dict(json.loads(data))
+        manifest = Manifest.from_dict(json.loads(data))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"{source} is not a clip_med manifest ({type(exc).__name__}: {exc})") from None
+    # Its split and shard names become file names, URLs and pipe: commands: names only, never paths.
+    try:
+        check_name(manifest.split, f"the split of {source}")
+        check_name(manifest.source, f"the source name of {source}")
+        for shard in manifest.shards:
+            check_shard_file(shard.name, manifest.split, str(source))
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
+    return manifest
 
 
 def read_manifest(path: str | Path) -> Manifest:

@@ -33,6 +33,12 @@ class Record:
     # study/series descriptions through the caption rules), "caption" (the rules of
     # clip_med.labels.caption_rules), "folder" (a class-folder name), "config" (source.labels) or "none".
     label_origin: dict[str, str] = field(default_factory=dict)
+    # The image's name in what is written (the json's "origin", the manifest's skipped items and their
+    # details) when it must not be the locator itself, e.g. a keyed hash for a DICOM file whose path
+    # names a patient; "" means ``image``.
+    origin: str = ""
+    # How the source de-identified the record (one dict per source), recorded in the split's manifest.
+    deidentification: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -43,7 +49,9 @@ class Record:
         return (self.id, self.split, self.image, self.caption, self.text, self.decoder, self.problem,
                 sorted(self.labels.items()), repr(sorted(self.meta.items())),
                 # only when set, so that fingerprints of sources that never set it are unchanged
-                *((sorted(self.label_origin.items()),) if self.label_origin else ()))
+                *((sorted(self.label_origin.items()),) if self.label_origin else ()),
+                *((self.origin,) if self.origin else ()),
+                *((repr(sorted(self.deidentification.items())),) if self.deidentification else ()))
 
 
 class SkipReason:
@@ -63,3 +71,7 @@ class SkipReason:
     CAPTION_NOT_UTF8 = "caption_not_utf8"
     DUPLICATE_IMAGE = "duplicate_image"
     DUPLICATE_ID = "duplicate_id"
+    BAD_SPLIT_NAME = "bad_split_name"
+    OUTSIDE_ROOT = "outside_root"
+    BAD_ROW = "bad_row"
+    CAPTION_TOO_LONG = "caption_too_long"

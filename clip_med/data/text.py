@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import string
+import sys
 from collections.abc import Mapping
 from typing import Any
 
-from clip_med.core.errors import UnknownName
+from clip_med.core import templates
 from clip_med.data.record import SkipReason
 
 _SPACES = re.compile(r"\s+")
@@ -32,20 +32,24 @@ def decode_caption(raw: bytes) -> tuple[str, str | None]:
 
 
 def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    """The named fields of ``template`` (not ``{}``), by :func:`clip_med.core.templates.template_fields`:
+    a template with format specs, conversions, attributes or indexes is refused (``TemplateError``)."""
+    return [name for name in templates.template_fields(template) if name]
 
 
 def render_text(template: str, fields: Mapping[str, Any]) -> str:
-    """Fill ``template`` (``str.format`` syntax) and tidy what empty fields leave behind.
+    """Fill ``template`` (plain ``{name}`` fields, :mod:`clip_med.core.templates`) and tidy what empty
+    fields leave behind.
 
     Missing or empty fields become empty strings, then dangling separators are removed, so
-    ``"{modality} image, {plane} plane. {caption}"`` with no plane still reads cleanly.
+    ``"{modality} image, {plane} plane. {caption}"`` with no plane still reads cleanly. A field the
+    template names but ``fields`` lacks is an :class:`~clip_med.core.errors.UnknownName`.
     """
-    unknown = [name for name in template_fields(template) if name not in fields]
-    if unknown:
-        raise UnknownName(f"text template uses unknown field(s) {unknown}; available: {sorted(fields)}")
+    templates.check_template(template, fields.keys())
     values = {key: clean_caption("" if value is None else str(value)) for key, value in fields.items()}
-    text = template.format(**values)
+    # No cap on the filled length here: without format specs it is at most the template's (capped) length
+    # plus its fields' values, and captions are bounded by their readers.
+    text = templates.fill_template(template, values, max_chars=sys.maxsize)
     text = _EMPTY_BRACKETS.sub("", text)
     text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
     text = _REPEATED_PUNCT.sub(lambda match: match.group(0)[-1], text)

@@ -34,7 +34,9 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
+from clip_med.core.bounds import bounded
 from clip_med.core.io import AtomicFile, append_text, temporary_target, write_text_atomic
+from clip_med.core.names import check_name
 from clip_med.core.processes import spawn_pool
 from clip_med.data.images import EncodeOptions, ImageJob, ImageLimits, PreparedImage, run_image_job
 from clip_med.data.manifest import (
@@ -60,20 +62,20 @@ class ShardConfig:
     # Output folder; None means <root>/<source name>.
     out: Optional[str] = None
     root: str = "shards"
-    max_samples: int = 1000
-    max_bytes: int = 256 * 1024 * 1024
+    max_samples: int = bounded(1000, minimum=1)
+    max_bytes: int = bounded(256 * 1024 * 1024, minimum=1)
     # Shrink images whose longer side exceeds this (None keeps the original size).
-    max_side: Optional[int] = None
+    max_side: Optional[int] = bounded(None, minimum=1)
     # png | jpeg | webp | keep (keep the original bytes when nothing had to change).
     image_format: str = "png"
-    jpeg_quality: int = 95
-    min_side: int = 16
-    max_pixels: int = 100_000_000
-    max_file_bytes: int = 512 * 1024 * 1024
+    jpeg_quality: int = bounded(95, minimum=1, maximum=100)
+    min_side: int = bounded(16, minimum=1)
+    max_pixels: int = bounded(100_000_000, minimum=1)
+    max_file_bytes: int = bounded(512 * 1024 * 1024, minimum=1)
     # Worker processes that decode and encode images; 0 decodes in this process, -1 uses all cores.
-    workers: int = -1
+    workers: int = bounded(-1, minimum=-1)
     # Seconds between progress lines in the log (for runs without a terminal); 0 turns them off.
-    log_every_s: float = 60.0
+    log_every_s: float = bounded(60.0, minimum=0)
     dedup: bool = True
     progress: bool = True
 
@@ -202,7 +204,7 @@ def _sample(record: Record, image: PreparedImage, source_name: str) -> dict[str,
         "caption": record.caption,
         "labels": record.labels,
         "meta": record.meta,
-        "origin": record.image,
+        "origin": record.origin or record.image,
         "image": {"width": image.width, "height": image.height, "mode": image.mode, "sha256": image.pixel_hash},
     }
     if record.label_origin:
@@ -255,7 +257,9 @@ class _SplitWriter:
     def skip(self, record: Record, reason: str, detail: str = "") -> None:
         if not reason:
             raise ValueError(f"record {record.id!r} skipped without a reason")
-        self.pending_skipped.append(SkippedItem(record.id, record.image, reason, detail))
+        if record.origin:  # the locator must not be written (a DICOM path naming a patient): its public name
+            detail = detail.replace(record.image, record.origin)
+        self.pending_skipped.append(SkippedItem(record.id, record.origin or record.image, reason, detail))
 
     def add(self, record: Record, image: PreparedImage, source_name: str) -> None:
         if record.key in self.keys:
@@ -392,6 +396,7 @@ def write_split(records: list[Record], split: str, out_dir: str | Path, cfg: Sha
         skipped=state.skipped,
         label_counts={task: dict(sorted(counts.items())) for task, counts in state.labels.items()},
         label_origins={task: dict(sorted(counts.items())) for task, counts in state.origins.items()},
+        deidentification=next((record.deidentification for record in records if record.deidentification), {}),
     )
     assert manifest.written_count + len(manifest.skipped) == len(records), "writer lost track of a record"
     save_manifest(manifest, out_dir)
@@ -429,6 +434,8 @@ def _log_summary(out_dir: Path, manifest: Manifest) -> None:
 
 def write_shards(records_by_split: dict[str, list[Record]], out_dir: str | Path, cfg: ShardConfig,
                  source_name: str) -> dict[str, Manifest]:
+    for split in records_by_split:  # split names become file names: refuse before writing anything
+        check_name(split, f"the split name from source {source_name!r}")
     with worker_pool(cfg.worker_count()) as pool:
         return {
             split: write_split(records, split, out_dir, cfg, source_name, pool)

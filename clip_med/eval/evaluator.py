@@ -10,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from clip_med.core.bounds import bounded
 from clip_med.eval.embeddings import Embedded
 from clip_med.eval.linear_probe import DEFAULT_CS, FittedProbe, fit_probe
 from clip_med.eval.metrics import classification_metrics
@@ -26,13 +27,13 @@ class EvalConfig:
     # The held-out split; None picks the first split that is not the training split
     # (MedPix: dev; a source with a test split: test is used only when named here).
     split: Optional[str] = None
-    every_epochs: int = 0  # also evaluate every k epochs (0: only at the end)
+    every_epochs: int = bounded(0, minimum=0)  # also evaluate every k epochs (0: only at the end)
     tasks: list[str] = field(default_factory=lambda: list(taxonomy.TASKS))
-    batch_size: int = 128
-    workers: int = 2
+    batch_size: int = bounded(128, minimum=1)
+    workers: int = bounded(2, minimum=0)
     probe_Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))
-    probe_folds: int = 5
-    probe_max_iter: int = 2000
+    probe_folds: int = bounded(5, minimum=2)
+    probe_max_iter: int = bounded(2000, minimum=1)
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     # Per-task prompt templates ("a {} scan."), replacing the taxonomy's defaults.
     prompt_templates: dict[str, list[str]] = field(default_factory=dict)

@@ -71,8 +71,14 @@ def expand_images(images: str | list[str]) -> list[str]:
 
 
 def run_classify(cfg: ClassifyConfig) -> Classification:
+    from clip_med.eval.zero_shot import check_labels, check_templates
     from clip_med.inference.model import load
 
+    # Bad labels or prompt templates (format specs, over the limits) are refused before the model loads.
+    if cfg.labels:
+        check_labels(list(cfg.labels))
+    if cfg.prompts:
+        check_templates([cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts))
     model = load(cfg.checkpoint, cfg.model_name, cfg.device)
     return model.classify(expand_images(cfg.images), task=cfg.task, labels=cfg.labels, prompts=cfg.prompts,
                           head=cfg.head, batch_size=cfg.batch_size, on_error="skip")

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,14 @@ from clip_med.data.manifest import load_manifest
 from clip_med.data.transforms import create_transform
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.probe_head import ProbeHead
-from clip_med.eval.zero_shot import label_prompts, zero_shot_probabilities, zero_shot_weights
+from clip_med.eval.zero_shot import (
+    MAX_PROMPTS,
+    check_labels,
+    check_templates,
+    label_prompts,
+    zero_shot_probabilities,
+    zero_shot_weights,
+)
 from clip_med.inference.inputs import ImageInput, as_batch, describe, load_image
 from clip_med.inference.results import Classification, SearchHit, Skipped
 from clip_med.labels import taxonomy
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 
 Prompts = Union[dict[str, Sequence[str]], Sequence[str], str, None]
 Head = Union[ProbeHead, str, Path, None]
+MAX_CACHED_CLASSIFIERS = 64  # zero-shot classifiers kept per model (least recently used ones are dropped)
 
 
 def trained_labels(info: CheckpointInfo) -> tuple[dict[str, list[str]], str]:
@@ -75,8 +84,9 @@ def trained_labels(info: CheckpointInfo) -> tuple[dict[str, list[str]], str]:
 
 def _check_labels(labels: Sequence[str]) -> list[str]:
     if isinstance(labels, str) or not all(isinstance(label, str) and label.strip() for label in labels):
-        raise ValueError(f"labels must be a list of non-empty strings, got {labels!r}")
+        raise ValueError(f"labels must be a list of non-empty strings, got {labels!r:.200}")
     labels = list(labels)
+    check_labels(labels)
     if len(labels) < 2:
         raise ValueError(f"zero-shot classification needs at least two labels, got {labels}")
     if len(set(labels)) != len(labels):
@@ -86,7 +96,8 @@ def _check_labels(labels: Sequence[str]) -> list[str]:
 
 def _check_templates(templates: Sequence[str]) -> list[str]:
     templates = [templates] if isinstance(templates, str) else list(templates)
-    bad = [template for template in templates if not isinstance(template, str) or template.count("{}") != 1]
+    check_templates(templates)  # limits, and plain {} / {task} fields only: before anything else
+    bad = [template for template in templates if template.count("{}") != 1]
     if not templates or bad:
         raise ValueError("prompt templates must be strings with one '{}' for the label name; "
                          f"bad: {bad or templates}")
@@ -109,8 +120,9 @@ class ClipMedModel:
         self.labels_origin = labels_origin
         self.prompt_templates = dict(prompt_templates or {})
         self.prompt_synonyms = prompt_synonyms
-        self._lock = threading.Lock()
-        self._classifiers: dict[Any, tuple[list[str], np.ndarray]] = {}
+        self._lock = threading.Lock()  # held only while the model computes (bounded work)
+        self._cache_lock = threading.Lock()  # held only to read or update the classifier cache
+        self._classifiers: OrderedDict[Any, tuple[list[str], np.ndarray]] = OrderedDict()
 
     def __repr__(self) -> str:
         return (f"ClipMedModel({self.name}, checkpoint={str(self.info.path)!r}, step={self.info.step}, "
@@ -210,8 +222,12 @@ class ClipMedModel:
     # -- classification --------------------------------------------------------------------------
 
     def zero_shot_classifier(self, task: str = "modality", labels: Optional[Sequence[str]] = None,
-                             prompts: Prompts = None) -> tuple[list[str], np.ndarray]:
-        """(labels, (D, C) class embeddings) for a task, built as the evaluation builds them."""
+                             prompts: Prompts = None, max_prompts: int = MAX_PROMPTS) -> tuple[list[str], np.ndarray]:
+        """(labels, (D, C) class embeddings) for a task, built as the evaluation builds them.
+
+        Labels, templates and the ensemble (at most ``max_prompts`` texts) are checked and the prompts
+        tokenized before the model's lock is taken: under it the model only encodes a bounded batch.
+        """
         explicit = prompts if isinstance(prompts, dict) else None
         templates = None if prompts is None or isinstance(prompts, dict) else _check_templates(prompts)
         if labels is None:
@@ -220,14 +236,23 @@ class ClipMedModel:
         templates = templates or self.prompt_templates.get(task) or None
         key = (task, tuple(labels), tuple(templates or ()),
                tuple((label, tuple(values)) for label, values in (explicit or {}).items()))
-        if key not in self._classifiers:
+        with self._cache_lock:
+            cached = self._classifiers.get(key)
+            if cached is not None:
+                self._classifiers.move_to_end(key)
+        if cached is None:
             context = {other: self.task_labels(other) for other in taxonomy.TASKS if other != task}
             ensemble = label_prompts(task, labels, templates, {k: list(v) for k, v in explicit.items()}
-                                     if explicit else None, context=context, synonyms=self.prompt_synonyms)
-            with self._lock:
-                weights = zero_shot_weights(self.model, self.tokenizer, ensemble, self.device)
-            self._classifiers[key] = (labels, weights)
-        return self._classifiers[key]
+                                     if explicit else None, context=context, synonyms=self.prompt_synonyms,
+                                     max_prompts=max_prompts)
+            weights = zero_shot_weights(self.model, self.tokenizer, ensemble, self.device, lock=self._lock,
+                                        max_prompts=max_prompts)
+            cached = (labels, weights)
+            with self._cache_lock:
+                self._classifiers[key] = cached
+                while len(self._classifiers) > MAX_CACHED_CLASSIFIERS:
+                    self._classifiers.popitem(last=False)
+        return cached
 
     def load_head(self, head: ProbeHead | str | Path) -> ProbeHead:
         """A probe head (object or safetensors path), checked against this model's embedding space."""

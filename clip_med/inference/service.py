@@ -8,14 +8,19 @@ Everything a client sends is checked before it reaches the model: the request bo
 streaming), the upload's declared type must be an image type (or absent/octet-stream), its
 *content* must be PNG, JPEG, TIFF, WebP, BMP or DICOM by its leading bytes, and the image goes
 through the same size guards as the shard writer (``max_pixels`` is checked from the header,
-before pixels are decoded). Every refusal is a 4xx with a ``detail`` message saying what was
-wrong; a 5xx means a bug in clip_med.
+before pixels are decoded). Texts, class labels and prompt templates are checked against
+:class:`ServiceLimits` (count and characters each) and templates must be plain ``{}`` templates
+(:mod:`clip_med.core.templates`: no format specs, conversions, attributes or indexes), all before
+any tokenizing, decoding or model call; so the work done under the model's lock is bounded by
+``max_labels`` x ``max_prompt_texts`` prompts of the model's context length. Every refusal is a
+4xx with a ``detail`` message saying what was wrong; a 5xx means a bug in clip_med.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,9 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from clip_med.core.bounds import bounded
+from clip_med.core.templates import TemplateError, template_fields
 from clip_med.data.images import ImageLimits, ImageRejected
 from clip_med.data.record import SkipReason
 from clip_med.eval.probe_head import HeadError, ProbeHead
+from clip_med.eval.zero_shot import PromptLimit
 from clip_med.inference.evaluation import ModelOptions
 from clip_med.inference.index import IndexFolderError, SearchIndex
 from clip_med.inference.inputs import load_image, sniff
@@ -49,12 +57,17 @@ STATUS_BY_REASON = {
 
 @dataclass
 class ServiceLimits:
-    max_upload_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_text_chars: int = 2000
-    max_texts: int = 64
-    max_labels: int = 64
-    max_k: int = 100
+    max_upload_bytes: int = bounded(32 * 1024 * 1024, minimum=1)  # one request body
+    max_pixels: int = bounded(50_000_000, minimum=1)  # one image, from its header, before decoding
+    max_text_chars: int = bounded(2000, minimum=1)  # one text of /embed or /search
+    max_texts: int = bounded(64, minimum=1)  # texts of one /embed request
+    max_labels: int = bounded(64, minimum=1)  # class labels of one /classify request
+    max_label_chars: int = bounded(200, minimum=1)  # one class label (also a task or head name)
+    max_prompts: int = bounded(16, minimum=1)  # prompt templates of one /classify request
+    max_prompt_chars: int = bounded(300, minimum=1)  # one prompt template
+    # prompts one classifier encodes: labels x templates x the names they fill in
+    max_prompt_texts: int = bounded(2048, minimum=1)
+    max_k: int = bounded(100, minimum=1)  # search results
 
 
 @dataclass
@@ -159,6 +172,35 @@ def _check_texts(texts: list[str], limits: ServiceLimits) -> list[str]:
     return texts
 
 
+def _check_zero_shot_request(task: str | None, labels: list[str] | None, prompts: list[str] | None,
+                             head: str | None, limits: ServiceLimits) -> None:
+    """Refuse over-long names, too many or too long labels and templates, and templates that are not
+    plain ``{}`` templates: cheap checks, before anything is tokenized, decoded or encoded."""
+    for what, name in (("task", task), ("head", head)):
+        if name is not None and len(name) > limits.max_label_chars:
+            raise HTTPException(413, f"a {what} name of {len(name)} characters exceeds the limit of "
+                                     f"{limits.max_label_chars} characters (max_label_chars)")
+    if labels:
+        if len(labels) > limits.max_labels:
+            raise HTTPException(413, f"{len(labels)} labels exceed the limit of {limits.max_labels} (max_labels)")
+        for position, label in enumerate(labels):
+            if len(label) > limits.max_label_chars:
+                raise HTTPException(413, f"label {position} has {len(label)} characters, more than the limit of "
+                                         f"{limits.max_label_chars} (max_label_chars)")
+    if prompts:
+        if len(prompts) > limits.max_prompts:
+            raise HTTPException(413, f"{len(prompts)} prompt templates exceed the limit of {limits.max_prompts} "
+                                     "(max_prompts)")
+        for position, template in enumerate(prompts):
+            if len(template) > limits.max_prompt_chars:
+                raise HTTPException(413, f"prompt template {position} has {len(template)} characters, more than "
+                                         f"the limit of {limits.max_prompt_chars} (max_prompt_chars)")
+            try:
+                template_fields(template)
+            except TemplateError as exc:
+                raise HTTPException(422, str(exc)) from None
+
+
 def _split_values(values: list[str] | None) -> list[str] | None:
     """Form lists: repeated fields, or one comma-separated field."""
     if not values:
@@ -230,14 +272,15 @@ def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, h
                  head: Optional[str] = Form(None, description=f"a loaded probe head: {', '.join(heads) or 'none'}"),
                  top: int = Form(3, ge=1, le=100)) -> dict[str, Any]:
         labels, prompts = _split_values(labels), prompts or None
-        if labels and len(labels) > limits.max_labels:
-            raise HTTPException(413, f"{len(labels)} labels exceed the limit of {limits.max_labels}")
+        _check_zero_shot_request(task, labels, prompts, head, limits)
         chosen = _resolve_head(head, heads)
         try:
             if chosen is None:  # refuse bad labels or prompts before decoding anything
-                model.zero_shot_classifier(task or "modality", labels, prompts)
+                model.zero_shot_classifier(task or "modality", labels, prompts, max_prompts=limits.max_prompt_texts)
             embedding, kind = _embed_upload(model, file, limits)
             task_name, names, probs, method = model.classify_embeddings(embedding, task, labels, prompts, chosen)
+        except PromptLimit as exc:
+            raise HTTPException(413, str(exc)) from None
         except (ValueError, KeyError) as exc:
             raise HTTPException(422, str(exc).strip("'\"")) from None
         order = np.argsort(-probs[0], kind="stable")[:top]
@@ -259,15 +302,17 @@ def _add_embedding_routes(app: FastAPI, model, index: SearchIndex | None, limits
         return {"kind": "image" if kind != "text" else "text", "format": kind, "model": model.name, "dim": model.dim,
                 "embeddings": vectors.tolist()}
 
-    def _search(vectors: np.ndarray, k: int, query: str) -> dict[str, Any]:
+    def _search(embed: Callable[[], np.ndarray], k: int, query: str) -> dict[str, Any]:
+        # The index and k are checked before the query is embedded (embed() checks its own input first).
         if index is None:
             raise HTTPException(404, "no search index is loaded: start the service with index=<embedding folder>")
-        hits = index.search(vectors, _check_k(k, limits))[0]
+        k = _check_k(k, limits)
+        hits = index.search(embed(), k)[0]
         return {"query": query, "index_size": len(index), "results": [hit.to_dict() for hit in hits]}
 
     @app.get("/search", summary="Text -> image search")
     def search_text(text: str = Query(..., min_length=1), k: int = Query(10)) -> dict[str, Any]:
-        return _search(model.embed_texts(_check_texts([text], limits)), k, text)
+        return _search(lambda: model.embed_texts(_check_texts([text], limits)), k, text)
 
     @app.post("/search", summary="Text or image -> image search (an image in 'file', or a 'text' field)")
     def search_post(file: Optional[UploadFile] = File(None), text: Optional[str] = Form(None),
@@ -275,9 +320,10 @@ def _add_embedding_routes(app: FastAPI, model, index: SearchIndex | None, limits
         if (file is None) == (text is None):
             raise HTTPException(400, "send exactly one of: an image in 'file', or a 'text' field")
         if file is not None:
-            return _search(_embed_upload(model, file, limits)[0], k, f"image {file.filename}")
+            upload: UploadFile = file
+            return _search(lambda: _embed_upload(model, upload, limits)[0], k, f"image {upload.filename}")
         assert text is not None  # exactly one of file and text, checked above
-        return _search(model.embed_texts(_check_texts([text], limits)), k, text)
+        return _search(lambda: model.embed_texts(_check_texts([text], limits)), k, text)
 
 
 def _resolve_head(name: str | None, heads: dict[str, ProbeHead]) -> ProbeHead | None:

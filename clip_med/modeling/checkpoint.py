@@ -284,8 +284,15 @@ def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict
     """
     if resume != "latest":
         path = Path(resume)
-        if path.is_dir():  # a run folder: its newest readable checkpoint
-            return _newest_readable(list_checkpoints(path))
+        if path.is_dir():  # a run folder: its newest readable checkpoint, and there must be one
+            candidates = list_checkpoints(path)
+            found = _newest_readable(candidates)
+            if found is None:
+                raise FileNotFoundError(
+                    f"resume={resume}: " + (f"none of its {len(candidates)} checkpoint(s) can be read (see the "
+                                            "warnings above)" if candidates else "the folder holds no checkpoint")
+                    + "; point resume= at another run folder or checkpoint, or leave it out to start over")
+            return found
         if not path.is_file():
             raise FileNotFoundError(f"resume={resume}: no such checkpoint file or run folder")
         return path, load_checkpoint(path)
@@ -295,7 +302,12 @@ def find_resume_checkpoint(resume: str, run_dir: str | Path) -> tuple[Path, dict
         siblings = [sibling for sibling in run_dir.parent.iterdir() if sibling.is_dir() and sibling != run_dir]
         candidates = sorted((path for sibling in siblings for path in list_checkpoints(sibling)),
                             key=lambda path: path.stat().st_mtime)
-    return _newest_readable(candidates)
+    found = _newest_readable(candidates)
+    if found is None and candidates:  # checkpoints exist but every one is broken: not a first run
+        raise FileNotFoundError(f"resume=latest: none of the {len(candidates)} checkpoint(s) of {run_dir.parent} "
+                                "can be read (see the warnings above); resume= a readable one, or move them away "
+                                "to start over")
+    return found
 
 
 def _newest_readable(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from clip_med.core.bounds import bounded
 from clip_med.data.loader import LoaderConfig
 from clip_med.data.sources.synthetic import SyntheticSourceConfig
 from clip_med.data.transforms import AugmentConfig
@@ -37,28 +38,28 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 12
+    epochs: int = bounded(12, minimum=1)
     # Stop after this many optimizer steps even if epochs remain (None: run all epochs).
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = bounded(None, minimum=1)
     device: str = "auto"  # auto | cpu | cuda
     # auto: bf16 autocast on CUDA, fp32 on CPU. Also fp32 | bf16 | fp16 (fp16 uses a grad scaler).
     precision: str = "auto"
     dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
     # How long a process waits for the others at a collective (e.g. while rank 0 writes shards).
-    dist_timeout_minutes: float = 30
+    dist_timeout_minutes: float = bounded(30, above=0)
     # Gradient accumulation keeping the full contrastive batch (open_clip's accum_freq): one
     # optimizer step covers accum_freq batches per process, whose features all meet in one loss.
-    accum_freq: int = 1
+    accum_freq: int = bounded(1, minimum=1)
     # DDP options: SyncBatchNorm for BatchNorm towers (CUDA only), DDP's static_graph optimisation.
     sync_batchnorm: bool = False
     ddp_static_graph: bool = False
-    checkpoint_every_steps: int = 50
+    checkpoint_every_steps: int = bounded(50, minimum=1)
     # Also checkpoint when this many minutes passed since the last one (None: by steps only).
-    checkpoint_every_minutes: Optional[float] = None
-    keep_checkpoints: int = 3
-    log_every_steps: int = 10
+    checkpoint_every_minutes: Optional[float] = bounded(None, above=0)
+    keep_checkpoints: int = bounded(3, minimum=1)
+    log_every_steps: int = bounded(10, minimum=1)
     # Abort after this many consecutive steps with a non-finite loss (each one is skipped).
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: int = bounded(5, minimum=0)
     progress: bool = True
     tensorboard: bool = True
 

@@ -9,17 +9,19 @@ from typing import Optional, cast
 import torch
 from open_clip_train.scheduler import const_lr, cosine_lr
 
+from clip_med.core.bounds import bounded
+
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
-    weight_decay: float = 0.1
+    lr: float = bounded(2e-3, above=0)
+    weight_decay: float = bounded(0.1, minimum=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    eps: float = bounded(1e-6, above=0)
     # Warm-up length: steps if >= 1, else a fraction of all training steps.
-    warmup: float = 0.1
+    warmup: float = bounded(0.1, minimum=0)
     schedule: str = "cosine"  # cosine | const
-    grad_clip_norm: Optional[float] = 1.0
+    grad_clip_norm: Optional[float] = bounded(1.0, above=0)
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from clip_med.core import distributed
+from clip_med.core.bounds import check_bounds
 from clip_med.data.loader import create_train_loader, effective_workers, steps_per_epoch
 from clip_med.data.shardset import ShardSet, open_shard_set, prepare_shards
 from clip_med.data.transforms import create_transform
@@ -106,8 +107,13 @@ def plan_epochs(cfg: TrainConfig, shard_set: ShardSet, info: distributed.DistInf
     split = cfg.data.train_split
     urls, counts = shard_set.urls(split), shard_set.shard_counts(split)
     loader, accum = cfg.data.loader, cfg.trainer.accum_freq
-    if accum < 1:
-        raise ValueError(f"trainer.accum_freq={accum}: it must be 1 (no accumulation) or more")
+    if not sum(counts.values()):
+        manifest = shard_set.manifest(split)
+        skipped = ", ".join(f"{count} {reason}" for reason, count in manifest.skipped_by_reason().items())
+        where = ", ".join(urls[:3]) + (" ..." if len(urls) > 3 else "") if urls else "no shard files"
+        raise ValueError(f"the {split!r} split holds no samples ({where}; {manifest.input_count} input record(s)"
+                         + (f", skipped: {skipped}" if skipped else "") + f"): nothing to train on. See "
+                         f"{split}.manifest.json for why each record was skipped")
     workers = effective_workers(len(urls), info.world_size, loader.workers)
     steps = [steps_per_epoch(counts, urls, epoch, cfg.seed, True, info.world_size, workers, loader.batch_size)
              // accum for epoch in range(cfg.trainer.epochs)]
@@ -306,6 +312,7 @@ def _log_step(run: _Run, progress: EpochProgress, loss: float | None, lr: float,
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a CLIP model as ``cfg`` says and return the held-out evaluation report."""
+    check_bounds(cfg)  # before any work (the command line has checked already; Python callers too)
     info = distributed.init_distributed(cfg.trainer.device, cfg.trainer.dist_backend,
                                         cfg.trainer.dist_timeout_minutes)
     try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional, TypeVar, cast
 
+from clip_med.core.bounds import bounded
 from clip_med.core.errors import UnknownName
-from clip_med.data.record import Record
+from clip_med.data.record import Record, SkipReason
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,15 @@ class SourceConfig:
     # Which splits to read; None means every split the source has.
     splits: Optional[list[str]] = None
     # Keep only the first N records of each split (quick experiments); None keeps all.
-    limit: Optional[int] = None
+    limit: Optional[int] = bounded(None, minimum=0)
+    # Image files outside the source's folder(s) (absolute paths or ../ in a table, symlinks that
+    # leave the folder) are skipped as outside_root unless this is true.
+    allow_outside_root: bool = False
+
+    def input_roots(self) -> list[str]:
+        """The folders this source's image files must lie in (empty: the source reads no files)."""
+        root = getattr(self, "root", None)
+        return [str(root)] if root else []
 
 
 Reader = Callable[[SourceConfig], "dict[str, list[Record]]"]
@@ -78,6 +88,35 @@ def all_sources() -> dict[str, SourceSpec]:
     return dict(SOURCES)
 
 
+FILE_DECODERS = ("pil", "dicom")  # the decoders whose Record.image is a file path
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    real = os.path.realpath(path)  # follows symlinks, removes ../
+    return any(os.path.commonpath([root, real]) == root for root in roots)
+
+
+def confine_to_roots(splits: dict[str, list[Record]], roots: list[str]) -> int:
+    """Mark every file record whose image lies outside ``roots`` (after following symlinks) as
+    ``outside_root``; returns how many. The writer then skips and reports them; nothing is read."""
+    if not roots:
+        return 0
+    real_roots = [os.path.realpath(os.path.expanduser(root)) for root in roots]
+    marked = 0
+    for records in splits.values():
+        for record in records:
+            if record.decoder in FILE_DECODERS and record.problem is None and record.image \
+                    and not _inside(record.image, real_roots):
+                record.problem = SkipReason.OUTSIDE_ROOT
+                record.problem_detail = (f"{record.image} is outside {', '.join(roots)}; move it inside, or set "
+                                         "source.allow_outside_root=true if that is intended")
+                marked += 1
+    if marked:
+        log.warning("%d image path(s) lie outside %s and are skipped as outside_root (see the manifests)",
+                    marked, ", ".join(roots))
+    return marked
+
+
 def read_source(cfg: SourceConfig) -> dict[str, list[Record]]:
     spec = get_source(cfg.name)
     if not isinstance(cfg, spec.config_class):
@@ -93,6 +132,8 @@ def read_source(cfg: SourceConfig) -> dict[str, list[Record]]:
         splits = {split: splits[split] for split in cfg.splits}
     if cfg.limit is not None:
         splits = {split: records[: cfg.limit] for split, records in splits.items()}
+    if not cfg.allow_outside_root:
+        confine_to_roots(splits, cfg.input_roots())
     for split, records in splits.items():
         log.info("source %s: split %s has %d records", cfg.name, split, len(records))
     return splits

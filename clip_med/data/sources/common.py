@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from clip_med.core.bounds import bounded
 from clip_med.core.errors import UnknownName
+from clip_med.core.names import is_safe_name
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import SourceConfig
 from clip_med.data.text import decode_caption, render_text
@@ -36,7 +38,7 @@ class HoldoutSourceConfig(SourceConfig):
     (papers, patients, images) to ``holdout_split``, by a hash of the group, so the split is
     the same on every run and no group is on both sides."""
 
-    holdout: float = 0.0
+    holdout: float = bounded(0.0, minimum=0, below=1)
     holdout_split: str = "dev"
     holdout_seed: int = 0
 
@@ -56,6 +58,11 @@ def split_records(records: list[Record], cfg: HoldoutSourceConfig,
     records of ``from_split``."""
     splits: dict[str, list[Record]] = {}
     for record in records:
+        if not is_safe_name(record.split):  # a split value from the data never becomes a file name
+            record.problem, record.problem_detail = SkipReason.BAD_SPLIT_NAME, (
+                f"its split {record.split[:80]!r} is not a safe name (ASCII letters, digits, _ - .); "
+                "fix the split column")
+            record.split = from_split
         if record.split == from_split:
             record.split = holdout_split(str(record.meta.get("case_id") or record.id), record.split, cfg)
         splits.setdefault(record.split, []).append(record)
@@ -71,6 +78,9 @@ def check_caption(raw: Any) -> tuple[str, str | None, str]:
         data = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as exc:
         return "", SkipReason.CAPTION_NOT_UTF8, f"the caption has an unpaired surrogate at character {exc.start}"
+    if len(text) > MAX_CAPTION_CHARS:
+        return "", SkipReason.CAPTION_TOO_LONG, (f"the caption has {len(text)} characters, more than the "
+                                                 f"{MAX_CAPTION_CHARS} allowed: shorten it")
     caption, problem = decode_caption(data)
     if problem:
         reason, _, detail = problem.partition(": ")
@@ -181,30 +191,41 @@ def table_format(path: Path, fmt: Optional[str]) -> str:
                      "jsonl or json")
 
 
-def read_table(path: str | Path, fmt: Optional[str] = None) -> Iterator[tuple[int, dict[str, Any]]]:
+# The csv module's field limit is process-wide; it is raised once (never lowered or toggled) so that
+# a long report is read and then judged by MAX_CAPTION_CHARS, with its row named, instead of
+# stopping the whole file. A field beyond even this limit makes its row a bad row.
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
+MAX_CAPTION_CHARS = 65_536
+if csv.field_size_limit() < CSV_FIELD_LIMIT:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
+@dataclass
+class BadRow:
+    """A table row that could not be read; it becomes a skipped record naming its line."""
+
+    problem: str
+
+
+def read_table(path: str | Path, fmt: Optional[str] = None) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     """Rows of a CSV/TSV (with a header line), JSONL or JSON (a list of objects) file, with
-    their line (or item) numbers. Broken JSON lines raise an error naming the line."""
+    their line (or item) numbers.
+
+    A row that cannot be read (a CSV field over :data:`CSV_FIELD_LIMIT`, a JSONL line that is
+    not a JSON object) is yielded as a :class:`BadRow` with its line number and the rest of
+    the file is read on. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped; line endings
+    may be mixed; bytes that are not UTF-8 are kept as surrogate escapes for
+    :func:`check_caption` to report per row.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"table file {path} does not exist")
     fmt = table_format(path, fmt)
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         if fmt in ("csv", "tsv"):
-            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t")
-            for row in reader:
-                yield reader.line_num, row
+            yield from _csv_rows(handle, "," if fmt == "csv" else "\t")
         elif fmt == "jsonl":
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_number} is not valid JSON ({exc}); "
-                                     "fix or delete that line") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_number} is not a JSON object")
-                yield line_number, row
+            yield from _jsonl_rows(handle)
         elif fmt == "json":
             data = json.load(handle)
             if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
@@ -212,6 +233,48 @@ def read_table(path: str | Path, fmt: Optional[str] = None) -> Iterator[tuple[in
             yield from enumerate(data, 1)
         else:
             raise ValueError(f"unknown table format {fmt!r}: use csv, tsv, jsonl or json")
+
+
+def _csv_rows(handle, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    reader = csv.DictReader(handle, delimiter=delimiter)
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, BadRow(f"the row cannot be read as CSV ({exc})")
+            continue
+        yield reader.line_num, row
+
+
+def _jsonl_rows(handle) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    for line_number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_number, BadRow(f"the line is not valid JSON ({exc}); fix or delete it")
+            continue
+        if not isinstance(row, dict):
+            yield line_number, BadRow(f"the line holds a JSON {type(row).__name__}, not an object")
+            continue
+        yield line_number, row
+
+
+def bad_row_pair(bad: BadRow, line: int, table: Path, split: str) -> PairInput:
+    """A skipped record standing for an unreadable row (so that written + skipped = input holds)."""
+    return PairInput(id=f"{table.stem}_line{line}", split=split, image="", caption=None, meta={"line": line},
+                     problem=SkipReason.BAD_ROW, problem_detail=f"{table}:{line}: {bad.problem}")
+
+
+def path_problem(image: str, where: str) -> tuple[str, str] | None:
+    """Why an image path from a table cannot be used as one (a NUL byte, a control character)."""
+    if any(ord(char) < 32 for char in image):
+        return SkipReason.BAD_ROW, f"{where}: the image path holds a NUL or control character; fix the row"
+    return None
 
 
 def require_columns(row: dict[str, Any], columns: list[str], path: str | Path) -> None:

@@ -29,18 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from clip_med.core.templates import fill_template
 from clip_med.data.images import ImageRejected
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import register_source
 from clip_med.data.sources.common import (
     IMAGE_EXTENSIONS,
+    BadRow,
     HoldoutSourceConfig,
     PairInput,
+    bad_row_pair,
     build_records,
     check_root,
     decoder_for,
     list_files,
     metadata_labels,
+    path_problem,
     read_table,
     records_by_split_folder,
     relative_id,
@@ -78,6 +82,12 @@ class TableSourceConfig(HoldoutSourceConfig):
     decoder: str = "auto"  # auto (dicom for .dcm/.dicom) | pil | dicom
     split: str = "train"  # the split of rows without a split column
 
+    def input_roots(self) -> list[str]:
+        if self.image_root:
+            return [self.image_root]
+        tables = [self.path] if self.path else list(self.files.values())
+        return [str(Path(table).expanduser().parent) for table in tables if table]
+
 
 def _resolve(image: str, base: Path) -> str:
     path = Path(os.path.expanduser(image))
@@ -96,12 +106,15 @@ def _dicom_labels(path: str) -> tuple[dict[str, str], dict[str, str], dict[str, 
     return known, {task: origin[task] for task in known}, {"case_id": info.patient_key} if info.patient_key else {}
 
 
-def _table_pair(row: dict[str, Any], line: int, table: Path, split: str, base: Path,
+def _table_pair(row: dict[str, Any] | BadRow, line: int, table: Path, split: str, base: Path,
                 cfg: TableSourceConfig) -> PairInput:
+    if isinstance(row, BadRow):
+        return bad_row_pair(row, line, table, split)
     require_columns(row, [cfg.image_column, cfg.caption_column, *cfg.label_columns.values(), *cfg.meta_columns],
                     table)
     image = str(row.get(cfg.image_column) or "").strip()
-    path = _resolve(image, base) if image else ""
+    bad_path = path_problem(image, f"{table}:{line}")
+    path = _resolve(image, base) if image and not bad_path else ""
     record_id = str(row.get(cfg.id_column) or "") if cfg.id_column else ""
     record_id = record_id or (str(Path(image).with_suffix("")) if image else f"{table.stem}_{line}")
     meta = {column: row.get(column) for column in cfg.meta_columns}
@@ -117,7 +130,9 @@ def _table_pair(row: dict[str, Any], line: int, table: Path, split: str, base: P
         split = str(row.get(cfg.split_column) or split)
     pair = PairInput(id=record_id, split=split, image=path, caption=row.get(cfg.caption_column), meta=meta,
                      labels=labels, label_origin=origin, decoder=decoder)
-    if not image:
+    if bad_path:
+        pair.problem, pair.problem_detail = bad_path
+    elif not image:
         pair.problem, pair.problem_detail = SkipReason.MISSING_FILE, f"{table}:{line} has an empty {cfg.image_column}"
     return pair
 
@@ -217,7 +232,7 @@ def _class_records(folder: Path, split: str, cfg: ClassFolderSourceConfig, fixed
             if label == taxonomy.UNKNOWN:
                 label = taxonomy.normalize(cfg.class_task, words)
             labels[cfg.class_task], origin[cfg.class_task] = label, "folder" if label != taxonomy.UNKNOWN else "none"
-        caption = cfg.caption_template.format(class_name=words, class_folder=class_dir.name)
+        caption = fill_template(cfg.caption_template, {"class_name": words, "class_folder": class_dir.name})
         for image in list_files(class_dir, cfg.extensions, recursive=True):
             pair = PairInput(id=f"{class_dir.name}/{relative_id(image, class_dir)}", split=split, image=str(image),
                              caption=caption, meta={"class_name": words}, labels=labels, label_origin=origin,

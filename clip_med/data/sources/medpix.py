@@ -111,7 +111,8 @@ def _image_files(root: Path) -> dict[str, str]:
     return {Path(name).stem: os.path.join(images_dir, name) for name in sorted(os.listdir(images_dir))}
 
 
-def _record(row: dict[str, Any], split: str, cases: dict, files: dict[str, str], template: str) -> Record:
+def _record(row: dict[str, Any], split: str, cases: dict, files: dict[str, str], template: str,
+            root: Path) -> Record:
     description = row.get("Description") or {}
     case_id = row.get("U_id", "")
     modality = taxonomy.normalize("modality", row.get("Type"))
@@ -141,7 +142,7 @@ def _record(row: dict[str, Any], split: str, cases: dict, files: dict[str, str],
     return Record(
         id=name,
         split=split,
-        image=files.get(name, str(Path("images") / f"{name}.png")),
+        image=files.get(name, str(root / "images" / f"{name}.png")),  # not there: the writer reports it
         caption=caption,
         text=text,
         labels={"modality": modality, "anatomy": anatomy},
@@ -160,6 +161,6 @@ def read_medpix(cfg: MedPixSourceConfig) -> dict[str, list[Record]]:
     cases, files = _case_info(root), _image_files(root)
     template = cfg.text_template or DEFAULT_TEMPLATE
     return {
-        split: [_record(row, split, cases, files, template) for row in split_rows]
+        split: [_record(row, split, cases, files, template, root) for row in split_rows]
         for split, split_rows in rows.items()
     }

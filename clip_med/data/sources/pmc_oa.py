@@ -25,10 +25,13 @@ from typing import Optional
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import register_source
 from clip_med.data.sources.common import (
+    BadRow,
     HoldoutSourceConfig,
     PairInput,
+    bad_row_pair,
     build_records,
     check_root,
+    path_problem,
     read_table,
     require_columns,
     split_records,
@@ -54,6 +57,12 @@ class PmcOaSourceConfig(HoldoutSourceConfig):
     # Folder of the images; None: <root>/images or the folder images.zip unpacks to.
     image_dir: Optional[str] = None
     holdout: float = 0.02
+
+    def input_roots(self) -> list[str]:
+        roots = [self.root] if self.root else []
+        if self.root and self.image_dir:  # a configured image folder may lie anywhere
+            roots.append(str(_image_dir(Path(self.root).expanduser(), self.image_dir)))
+        return roots
 
 
 def _image_dir(root: Path, configured: Optional[str]) -> Path:
@@ -90,6 +99,9 @@ def _pmcid(row: dict, image: str) -> str:
 def _records(path: Path, split: str, images: Path, files: set[str], template: str) -> list[Record]:
     pairs = []
     for line_number, row in read_table(path, "jsonl"):
+        if isinstance(row, BadRow):
+            pairs.append(bad_row_pair(row, line_number, path, split))
+            continue
         require_columns(row, ["image", "caption"], path)
         image = str(row["image"] or "")
         pmcid = _pmcid(row, image)
@@ -100,6 +112,8 @@ def _records(path: Path, split: str, images: Path, files: set[str], template: st
                          caption=row["caption"], meta=meta)
         if not image:
             pair.problem, pair.problem_detail = SkipReason.MISSING_FILE, f"{path}:{line_number} has no image name"
+        elif problem := path_problem(image, f"{path}:{line_number}"):
+            pair.problem, pair.problem_detail = problem
         elif image not in files and not location.is_file():
             pair.problem, pair.problem_detail = SkipReason.MISSING_FILE, f"{location} does not exist"
         pairs.append(pair)
