@@ -15,13 +15,15 @@ from typing import Optional
 
 from open_clip.transform import AugmentationCfg, image_transform
 
+from clip_med.core.bounds import bounded
+
 
 @dataclass
 class AugmentConfig:
     scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
     # Brightness, contrast, saturation, hue jitter strengths (saturation and hue stay 0 for scans).
     color_jitter: Optional[list[float]] = field(default_factory=lambda: [0.2, 0.2, 0.0, 0.0])
-    color_jitter_prob: float = 0.8
+    color_jitter_prob: float = bounded(0.8, minimum=0, maximum=1)
 
 
 def create_transform(image_size: int, mean, std, train: bool, augment: AugmentConfig | None = None,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from clip_med.core import distributed
+from clip_med.core.bounds import bounded
 from clip_med.inference.evaluation import REQUIRED, ModelOptions
 from clip_med.inference.extract import ExtractConfig, extract, resolve_shards
 from clip_med.inference.index import TEXT_EMBEDDINGS, IndexConfig, SearchIndex, paired_recall, write_index
@@ -44,8 +45,8 @@ class ClassifyConfig(ModelOptions):
     labels: Optional[list[str]] = None
     prompts: Optional[list[str]] = None  # templates with one {} for the label, e.g. "a chest X-ray showing {}."
     head: Optional[str] = None  # a probe head (.safetensors) from python -m clip_med.probe
-    batch_size: int = 32
-    top: int = 3
+    batch_size: int = bounded(32, minimum=1)
+    top: int = bounded(3, minimum=1)
     format: str = "table"  # table | json
 
 
@@ -137,7 +138,7 @@ class SearchConfig(ModelOptions):
     checkpoint: Optional[str] = None  # type: ignore[assignment]
     text: Optional[str] = None
     image: Optional[str] = None
-    k: int = 10
+    k: int = bounded(10, minimum=1)
     nprobe: Optional[int] = None  # IVF cells visited (default: the index's own setting)
     ef_search: Optional[int] = None  # HNSW search depth
     build: Optional[str] = None  # (re)build the index first: auto | flat | ivf | hnsw | ivfpq

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from clip_med.core.bounds import bounded
 from clip_med.core.io import atomic_write, write_text_atomic
 from clip_med.inference.results import SearchHit
 
@@ -51,16 +52,16 @@ class IndexFolderError(ValueError):
 @dataclass
 class IndexConfig:
     kind: str = "auto"  # auto | flat | ivf | hnsw | ivfpq | none (no index file; search builds a flat one)
-    auto_exact_limit: int = 200_000
+    auto_exact_limit: int = bounded(200_000, minimum=0)
     nlist: Optional[int] = None  # IVF cells; None: 4·sqrt(N), at most N/39
-    nprobe: int = 32  # IVF cells visited per query
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
-    pq_m: int = 64  # sub-quantisers of ivfpq (must divide the dimension)
-    train_size: int = 200_000  # vectors sampled to train IVF/PQ
-    add_batch: int = 65_536
-    threads: int = 0  # FAISS OpenMP threads; 0 keeps FAISS's default
+    nprobe: int = bounded(32, minimum=1)  # IVF cells visited per query
+    hnsw_m: int = bounded(32, minimum=2)
+    ef_construction: int = bounded(80, minimum=1)
+    ef_search: int = bounded(128, minimum=1)
+    pq_m: int = bounded(64, minimum=1)  # sub-quantisers of ivfpq (must divide the dimension)
+    train_size: int = bounded(200_000, minimum=1)  # vectors sampled to train IVF/PQ
+    add_batch: int = bounded(65_536, minimum=1)
+    threads: int = bounded(0, minimum=0)  # FAISS OpenMP threads; 0 keeps FAISS's default
     seed: int = 0
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from clip_med.core.bounds import bounded
 from clip_med.core.io import write_json_atomic, write_text_atomic
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.datasets import EvalData
@@ -36,10 +37,10 @@ class ProbeConfig(ModelOptions):
     pixels_from_checkpoint: bool = True
     tasks: list[str] = field(default_factory=lambda: list(taxonomy.TASKS))
     Cs: list[float] = field(default_factory=lambda: list(DEFAULT_CS))
-    folds: int = 5
-    max_iter: int = 2000
-    batch_size: int = 128
-    workers: int = 2
+    folds: int = bounded(5, minimum=2)
+    max_iter: int = bounded(2000, minimum=1)
+    batch_size: int = bounded(128, minimum=1)
+    workers: int = bounded(2, minimum=0)
     out: Optional[str] = None  # where heads and probe_report.{json,md} go
     progress: bool = True
 

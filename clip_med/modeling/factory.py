@@ -16,6 +16,8 @@ from typing import Any, Optional, Protocol, cast
 import open_clip
 import torch
 
+from clip_med.core.bounds import bounded
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -37,9 +39,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     # LiT-style fine-tuning: freeze a tower (unlocked_* keeps the last groups/layers trainable).
     lock_image: bool = False
-    lock_image_unlocked_groups: int = 0
+    lock_image_unlocked_groups: int = bounded(0, minimum=0)
     lock_text: bool = False
-    lock_text_unlocked_layers: int = 0
+    lock_text_unlocked_layers: int = bounded(0, minimum=0)
     torch_compile: bool = False
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from clip_med.core.bounds import bounded
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import register_source
 from clip_med.data.sources.common import (
@@ -56,7 +57,7 @@ class PmcOaSourceConfig(HoldoutSourceConfig):
     release: str = "pmc_oa"
     # Folder of the images; None: <root>/images or the folder images.zip unpacks to.
     image_dir: Optional[str] = None
-    holdout: float = 0.02
+    holdout: float = bounded(0.02, minimum=0, below=1)
 
     def input_roots(self) -> list[str]:
         roots = [self.root] if self.root else []

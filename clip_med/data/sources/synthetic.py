@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFilter
 
+from clip_med.core.bounds import bounded
 from clip_med.data.images import ImageLimits, check_dimensions
 from clip_med.data.record import Record
 from clip_med.data.sources import SourceConfig, register_source
@@ -51,7 +52,7 @@ WORDING = {
 class SyntheticSourceConfig(SourceConfig):
     name: str = "synthetic"
     seed: int = 0
-    image_size: int = 96
+    image_size: int = bounded(96, minimum=8)
     # Number of images per split; splits are named by the keys.
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 960, "dev": 240})
     modalities: list[str] = field(default_factory=lambda: ["ct", "mr", "xray", "ultrasound"])
