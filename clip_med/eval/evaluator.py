@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from clip_med.core.bounds import bounded
+from clip_med.eval.case_level import case_level_metrics, has_cases
 from clip_med.eval.embeddings import Embedded
 from clip_med.eval.linear_probe import DEFAULT_CS, FittedProbe, fit_probe
 from clip_med.eval.metrics import classification_metrics
@@ -83,6 +85,10 @@ def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: tor
         probs = zero_shot_probabilities(held_out.image[keep], weights)
         report["zero_shot"][task] = {**classification_metrics(y_true, probs, classes),
                                      "excluded_unlabelled": int((~keep).sum())}
+        cases = has_cases(held_out)
+        if cases:
+            report.setdefault("case_level", {}).setdefault("zero_shot", {})[task] = case_level_metrics(
+                held_out, task, classes, functools.partial(zero_shot_probabilities, weights=weights))
         ids = [item for item, kept in zip(held_out.ids, keep) if kept]
         if predictions is not None:
             predictions["zero_shot", task] = Predictions(ids, y_true, classes, probs)
@@ -90,10 +96,22 @@ def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: tor
             probe = run_linear_probe(task, classes, train, held_out, Cs=cfg.probe_Cs, folds=cfg.probe_folds,
                                      max_iter=cfg.probe_max_iter)
             report["linear_probe"][task] = probe.metrics
+            if cases:
+                report.setdefault("case_level", {}).setdefault("linear_probe", {})[task] = case_level_metrics(
+                    held_out, task, classes, functools.partial(_in_class_order, probe, classes))
             if predictions is not None:
                 predictions["linear_probe", task] = Predictions(ids, y_true, classes, probe.probs)
     report["retrieval"] = retrieval_metrics(held_out.image, held_out.text, cfg.recall_ks)
     return report
+
+
+def _in_class_order(probe: ProbeRun, classes: list[str], embeddings: np.ndarray) -> np.ndarray:
+    """The fitted probe's probabilities for ``embeddings``, columns in ``classes`` order."""
+    scored = probe.fitted.predict_proba(embeddings)
+    probs = np.zeros((len(embeddings), len(classes)))
+    for column, label in enumerate(probe.fitted.labels):
+        probs[:, classes.index(label)] = scored[:, column]
+    return probs
 
 
 @dataclass

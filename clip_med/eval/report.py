@@ -60,6 +60,17 @@ def classification_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def case_level_table(report: dict[str, Any]) -> list[str]:
+    lines = ["| method | task | cases (mixed) | case accuracy | balanced | image accuracy, case-pooled "
+             "| image accuracy |", "|---|---|---|---|---|---|---|"]
+    for method, tasks in report["case_level"].items():
+        for task, m in tasks.items():
+            single = report.get(method, {}).get(task, {}).get("accuracy")
+            lines.append(f"| {method} | {task} | {m['cases']} ({m['mixed_cases']}) | {_fmt(m['accuracy'])} | "
+                         f"{_fmt(m['balanced_accuracy'])} | {_fmt(m['image_accuracy'])} | {_fmt(single)} |")
+    return lines
+
+
 def retrieval_table(retrieval: dict[str, Any]) -> list[str]:
     ks = [key for key in retrieval["image_to_text"] if key.startswith("R@")]
     lines = ["| direction | " + " | ".join(ks) + " | median rank |", "|---" * (len(ks) + 2) + "|"]
@@ -84,6 +95,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {label} | {_fmt(c['precision'])} | {_fmt(c['recall'])} | {_fmt(c['f1'])} "
                              f"| {c['support']} |")
             lines += ["", f"![confusion matrix](confusion_{method}_{task}.png)"]
+    if report.get("case_level"):
+        lines += ["", "## Case level (each case's image embeddings pooled)", "", *case_level_table(report)]
     retrieval = report.get("retrieval")
     if retrieval:
         lines += ["", f"## Retrieval ({retrieval['n']} pairs)", "", *retrieval_table(retrieval)]
