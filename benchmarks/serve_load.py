@@ -1,8 +1,18 @@
-"""Load test of ``POST /classify`` on localhost, plus the malformed-upload set.
+"""Load test of ``POST /classify`` on localhost, plus the malformed-upload set, and of the page's own requests.
 
     python benchmarks/serve_load.py                                   # untrained medclip-small, 200 requests
     python benchmarks/serve_load.py --checkpoint runs/medpix/<time>/checkpoints/step-NNNNNNNN.pt \
         --requests 400 --images /path/to/MedPix-2-0/images/*.png
+    python benchmarks/serve_load.py --shards "shards/medpix/dev-*.tar"   # + the page: search + thumbnails
+    python benchmarks/serve_load.py --checkpoint <ckpt> --index embeddings/medpix-dev  # an existing folder
+
+With ``--index`` (an embedding folder of ``--checkpoint``) or ``--shards`` (embedded here first, with
+the same model, into a temporary folder), the page's requests are measured too: ``--concurrency``
+clients each show ``--page-views`` result pages, one page being ``GET /search?text=..&k=24`` (one of
+a few queries, with a filter every third time) and then the ``GET /items/{id}/thumbnail`` of each
+result, one after another (a browser fetches up to 6 at once). Thumbnails are made on the first
+request and cached (``web.thumbnail_cache_items``): the first pass over the archive is the cold
+figure, the next passes warm. The table gives p50/p95 per request kind and per whole page.
 
 The service runs in this process (uvicorn on 127.0.0.1, a free port) with the same app as
 ``python -m clip_med.serve``. ``--concurrency`` clients (threads, one HTTP connection each) send
@@ -147,6 +157,73 @@ def check_malformed(url: str, png: bytes, limit: int) -> list[tuple[str, int, st
     return results
 
 
+PAGE_QUERIES = ["axial CT of the head with hemorrhage", "MRI of the lumbar spine", "chest X-ray with pneumothorax",
+                "abdominal CT with contrast", "T2 weighted MRI of the knee", "ultrasound of the kidney"]
+
+
+def page_load(url: str, views: int, concurrency: int, k: int, modality: str | None
+              ) -> tuple[dict[str, list[float]], list[str], float]:
+    """The page's requests: a search, then the thumbnail of each result (see the module docstring)."""
+    times: dict[str, list[float]] = {"search": [], "thumbnail (first request)": [], "thumbnail (cached)": [],
+                                     "page (search + thumbnails)": []}
+    errors: list[str] = []
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def timed(session: httpx.Client, path: str, params=None) -> tuple[float, httpx.Response | None]:
+        start = time.perf_counter()
+        try:
+            response = session.get(path, params=params)
+        except httpx.HTTPError as exc:
+            with lock:
+                errors.append(f"{path}: {type(exc).__name__}: {exc}")
+            return (time.perf_counter() - start) * 1000, None
+        if response.status_code != 200:
+            with lock:
+                errors.append(f"{path}: {response.status_code} {response.text[:200]}")
+        return (time.perf_counter() - start) * 1000, response
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=url, timeout=120, headers={"X-Clip-Med": "page"}) as session:
+            for number in range(worker, views, concurrency):
+                page_start = time.perf_counter()
+                params = {"text": PAGE_QUERIES[number % len(PAGE_QUERIES)], "k": k}
+                if modality and number % 3 == 2:
+                    params["modality"] = modality
+                elapsed, response = timed(session, "/search", params)
+                with lock:
+                    times["search"].append(elapsed)
+                hits = response.json()["results"] if response is not None and response.status_code == 200 else []
+                for hit in hits:
+                    with lock:
+                        cold = hit["position"] not in seen
+                        seen.add(hit["position"])
+                    elapsed, _ = timed(session, f"/items/{hit['position']}/thumbnail")
+                    with lock:
+                        times["thumbnail (first request)" if cold else "thumbnail (cached)"].append(elapsed)
+                with lock:
+                    times["page (search + thumbnails)"].append((time.perf_counter() - page_start) * 1000)
+
+    threads = [threading.Thread(target=client, args=(worker,)) for worker in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return times, errors, time.perf_counter() - start
+
+
+def page_index(args, model, tmp: str):
+    """The index the page is measured on: --index, or --shards embedded here with the benchmark's model."""
+    if args.index:
+        return clip_med.open_index(args.index)
+    from clip_med.inference.extract import ExtractConfig, extract
+
+    out = Path(tmp) / "embeddings"
+    extract(model, args.shards, out, ExtractConfig(progress=False))
+    return clip_med.open_index(out)
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -162,6 +239,10 @@ def main() -> None:
     parser.add_argument("--baseline-requests", type=int, default=50, help="direct model.classify calls")
     parser.add_argument("--max-upload-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--index", help="an embedding folder of --checkpoint: also measure the page's requests")
+    parser.add_argument("--shards", help="shards to embed (with this model) for the page's requests")
+    parser.add_argument("--page-views", type=int, default=60, help="result pages shown, over all clients")
+    parser.add_argument("--page-size", type=int, default=24, help="results (and thumbnails) per page")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,6 +259,13 @@ def main() -> None:
         with Server(create_app(model, limits=limits)) as url:
             latencies, errors, wall = load(url, files, args.requests, args.concurrency)
             checks = check_malformed(url, files[0][1], args.max_upload_bytes)
+        page = None
+        if args.index or args.shards:
+            index = page_index(args, model, tmp)
+            with Server(create_app(model, index, limits=limits)) as url:
+                facets = httpx.get(url + "/facets").json()["filters"].get("modality", {})
+                modality = next(iter(facets), None)
+                page = (len(index), *page_load(url, args.page_views, args.concurrency, args.page_size, modality))
 
     print(f"model {model.name} on {model.device}; {len(files)} distinct uploads "
           f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name, _ in files}))})")
@@ -189,6 +277,19 @@ def main() -> None:
           f"| {percentile(latencies, 95):.1f} | {max(latencies):.1f} | {len(latencies) / wall:.1f} | {len(errors)} |")
     for error in errors[:5]:
         print("  error:", error[:300])
+    if page is not None:
+        size, times, page_errors, page_wall = page
+        print(f"\nthe page's requests over an index of {size} images: {args.page_views} result pages of "
+              f"{args.page_size}, {args.concurrency} clients, {page_wall:.1f} s, {len(page_errors)} errors")
+        print("| page request | requests | concurrency | p50 ms | p95 ms | max ms |")
+        print("|---|---|---|---|---|---|")
+        for kind, values in times.items():
+            if values:
+                print(f"| {kind} | {len(values)} | {args.concurrency} | {percentile(values, 50):.1f} "
+                      f"| {percentile(values, 95):.1f} | {max(values):.1f} |")
+        for error in page_errors[:5]:
+            print("  error:", error[:300])
+        errors = errors + page_errors
     print("\n| malformed upload | status | 4xx with a message | detail |")
     print("|---|---|---|---|")
     for case, status, detail, ok in checks:

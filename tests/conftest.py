@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,16 +24,34 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; run with --runslow")
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    config.addinivalue_line("markers", "browser: drives headless Chromium (chromium, chromedriver); skipped without")
 
 
 def pytest_collection_modifyitems(config, items):
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    missing_browser = browser_missing() if any("browser" in item.keywords for item in items) else ""
+    skip_browser = pytest.mark.skip(reason=f"needs headless Chromium: {missing_browser}")
     for item in items:
+        if "browser" in item.keywords and missing_browser:
+            item.add_marker(skip_browser)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def browser_missing() -> str:
+    """Why the browser tests cannot run here ('' when they can): Chromium, its driver and selenium."""
+    if not (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")):
+        return "no chromium on PATH (apt-get install chromium chromium-driver)"
+    if not shutil.which("chromedriver"):
+        return "no chromedriver on PATH (apt-get install chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return ""
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clip_med.core import distributed
+from clip_med.core.bounds import bounded
 from clip_med.core.counting import merge_counts
 from clip_med.core.io import atomic_write
 from clip_med.data import pipeline
@@ -80,11 +81,11 @@ class ExtractionError(ValueError):
 
 @dataclass
 class ExtractConfig:
-    batch_size: int = 64
+    batch_size: int = bounded(64, minimum=1)
     # Loader processes that read and decode while the model runs. -1: automatic — none on CPU
     # (the model's threads already use every core; decoding beside them slows both), and up to 8
     # on a GPU.
-    workers: int = -1
+    workers: int = bounded(-1, minimum=-1)
     texts: bool = True  # also embed each sample's text (text_embeddings.npy)
     progress: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)  # built over the image embeddings at the end
@@ -425,7 +426,9 @@ def _finish(model, out_dir: Path, urls: list[str], settings: dict[str, Any], err
     rows = {url: (part_done(out_dir, url) or {}).get("rows", 0) for url in urls}
     result = {**settings, "status": "complete", "count": total, "shards": urls,
               "empty_shards": [url for url, count in rows.items() if count == 0], "read_errors": errors,
-              "rows_per_shard": rows}
+              "rows_per_shard": rows,
+              # relative shard URLs in metadata.parquet are relative to this folder (the service reads images there)
+              "workdir": os.getcwd()}
     write_json_atomic(out_dir / EMBED_INFO, result)
     log.info("%d embeddings from %d shards in %s%s", total, len(urls), out_dir,
              f" (read errors: {errors})" if errors else "")

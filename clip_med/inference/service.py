@@ -1,7 +1,13 @@
 """The HTTP service (FastAPI): classify, embed and search with one loaded model.
 
-Endpoints: ``POST /classify``, ``POST /embed``, ``GET|POST /search``, ``GET /health``; the OpenAPI
-schema is at ``/openapi.json`` and interactive docs at ``/docs``.
+Endpoints: ``POST /classify``, ``POST /embed``, ``GET|POST /search``, ``GET /health``; for browsing the
+index ``GET /facets``, ``GET /items/{id}`` (a row), ``/items/{id}/thumbnail`` and ``/items/{id}/image``
+(the picture, read from the shard it was embedded from: :mod:`clip_med.inference.archive`),
+``/items/{id}/similar`` ("more like this") and ``POST /analyze`` (an upload classified by zero-shot
+and every loaded head, plus its neighbours); searches take ``offset`` and filters (``modality``,
+``anatomy``, ``split``, ``source``: :mod:`clip_med.inference.browse`). The OpenAPI schema is at
+``/openapi.json`` and interactive docs at ``/docs``; the browser page (``clip_med/inference/web``)
+is at ``/``. With a token (:mod:`clip_med.inference.auth`) every route needs it.
 
 Everything a client sends is checked before it reaches the model: the request body is capped
 (``max_upload_bytes``, refused from ``Content-Length`` before reading, and counted while
@@ -22,12 +28,13 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from clip_med.core.bounds import bounded
@@ -36,6 +43,9 @@ from clip_med.data.images import ImageLimits, ImageRejected
 from clip_med.data.record import SkipReason
 from clip_med.eval.probe_head import HeadError, ProbeHead
 from clip_med.eval.zero_shot import PromptLimit
+from clip_med.inference.archive import MEDIA_TYPES, ArchiveError, BytesCache, ShardArchive, encode
+from clip_med.inference.auth import AccessGuard, AuthConfig, check_bind, resolve_token
+from clip_med.inference.browse import FILTERS, BrowseError, Catalog
 from clip_med.inference.evaluation import ModelOptions
 from clip_med.inference.index import IndexFolderError, SearchIndex
 from clip_med.inference.inputs import load_image, sniff
@@ -68,16 +78,32 @@ class ServiceLimits:
     # prompts one classifier encodes: labels x templates x the names they fill in
     max_prompt_texts: int = bounded(2048, minimum=1)
     max_k: int = bounded(100, minimum=1)  # search results
+    max_offset: int = bounded(10_000, minimum=0)  # paging: results skipped before the k returned
+
+
+@dataclass
+class WebConfig:
+    enabled: bool = True  # the browser page at / (its static files under /static/)
+    thumbnail_side: int = bounded(256, minimum=16, maximum=4096)  # longest side of /items/{id}/thumbnail
+    image_max_side: int = bounded(2048, minimum=16)  # /items/{id}/image is shrunk to fit (PNG)
+    thumbnail_cache_items: int = bounded(4096, minimum=0)  # LRU of encoded thumbnails
+    thumbnail_cache_bytes: int = bounded(256 * 1024 * 1024, minimum=0)
+    image_cache_items: int = bounded(64, minimum=0)  # LRU of encoded full images
+    image_cache_bytes: int = bounded(128 * 1024 * 1024, minimum=0)
+    shard_cache: int = bounded(256, minimum=1)  # shards whose member offsets are kept (read once each)
 
 
 @dataclass
 class ServeConfig(ModelOptions):
     index: Optional[str] = None  # an embedding folder from python -m clip_med.embed (enables /search)
     heads: dict[str, str] = field(default_factory=dict)  # name -> probe head file, used as /classify head=<name>
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # any other address needs an access token (auth.token or CLIP_MED_SERVE_TOKEN)
+    port: int = bounded(8000, minimum=1, maximum=65535)
     limits: ServiceLimits = field(default_factory=ServiceLimits)
     log_level: str = "info"
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    cors_origins: list[str] = field(default_factory=list)  # origins allowed by CORS; empty: CORS off
 
 
 class BodyTooLarge(Exception):
@@ -150,7 +176,8 @@ def _decode(model, data: bytes, name: str, limits: ServiceLimits) -> Image.Image
         status = STATUS_BY_REASON.get(rejected.reason, 422)
         raise HTTPException(status, f"{rejected.reason}: {rejected.detail}") from None
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is the client's file
-        log.warning("upload %s could not be decoded: %s: %s", name, type(exc).__name__, exc)
+        # neither the file name nor the decoder's message: either could carry what the file holds
+        log.warning("an upload could not be decoded (%s)", type(exc).__name__)
         raise HTTPException(422, f"{name} could not be decoded ({type(exc).__name__}: {exc})") from None
 
 
@@ -228,19 +255,37 @@ def _readable_validation(exc: RequestValidationError) -> str:
 
 
 def create_app(model, index: SearchIndex | None = None, heads: dict[str, ProbeHead] | None = None,
-               limits: ServiceLimits | None = None) -> FastAPI:
-    """The FastAPI application around a loaded :class:`~clip_med.inference.model.ClipMedModel`."""
-    limits, heads = limits or ServiceLimits(), dict(heads or {})
+               limits: ServiceLimits | None = None, web: WebConfig | None = None, token: str | None = None,
+               cors_origins: list[str] | tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI application around a loaded :class:`~clip_med.inference.model.ClipMedModel`.
+
+    ``token``: when set, every request needs it (:mod:`clip_med.inference.auth`); ``web``: the page and
+    the archive's images; ``cors_origins``: origins CORS allows (none: CORS off).
+    """
+    limits, heads, web = limits or ServiceLimits(), dict(heads or {}), web or WebConfig()
     for head in heads.values():
         model.load_head(head)
     if index is not None:
         index.check_model(model.fingerprint, model.dim)
     app = FastAPI(title="clip_med", version="0.1.0",
-                  description="Zero-shot and probe classification, embeddings and search with a clip_med model.")
+                  description="Zero-shot and probe classification, embeddings and search with a clip_med model, "
+                              "and browsing of the embedded archive (items, thumbnails, similar items)."
+                              + (" Every request needs the access token (Authorization: Bearer <token>)."
+                                 if token else ""))
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(AccessGuard, token=token)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-Clip-Med"])
+    catalog = Catalog(index) if index is not None else None
     _add_error_handlers(app)
-    _add_classification_routes(app, model, index, heads, limits)
-    _add_embedding_routes(app, model, index, limits)
+    _add_classification_routes(app, model, index, heads, limits, token)
+    _add_embedding_routes(app, model, catalog, limits)
+    _add_browse_routes(app, model, catalog, heads, limits, web, index)
+    if web.enabled:
+        _add_page_routes(app)
     return app
 
 
@@ -253,16 +298,22 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": _readable_validation(exc)}, status_code=422)
 
+    @app.exception_handler(ArchiveError)
+    @app.exception_handler(BrowseError)
+    async def archive_problem(request: Request, exc: ArchiveError | BrowseError):
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
 
 def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, heads: dict[str, ProbeHead],
-                               limits: ServiceLimits) -> None:
+                               limits: ServiceLimits, token: str | None = None) -> None:
     @app.get("/health", summary="Model, index and limits")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": model.name, "checkpoint": str(model.info.path), "step": model.info.step,
                 "device": str(model.device), "dim": model.dim, "tasks": {task: model.task_labels(task)
                                                                           for task in taxonomy.TASKS},
                 "heads": {name: {"task": head.task, "labels": head.labels} for name, head in heads.items()},
-                "index": {"size": len(index)} if index is not None else None, "limits": dataclasses.asdict(limits)}
+                "index": {"size": len(index)} if index is not None else None, "limits": dataclasses.asdict(limits),
+                "auth": token is not None}
 
     @app.post("/classify", summary="Classify one uploaded image (PNG, JPEG or DICOM)")
     def classify(file: UploadFile = File(..., description="the image: PNG, JPEG, TIFF, WebP, BMP or DICOM"),
@@ -289,7 +340,7 @@ def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, h
                 "top": [{"label": names[i], "probability": float(probs[0][i])} for i in order]}
 
 
-def _add_embedding_routes(app: FastAPI, model, index: SearchIndex | None, limits: ServiceLimits) -> None:
+def _add_embedding_routes(app: FastAPI, model, catalog: Catalog | None, limits: ServiceLimits) -> None:
     @app.post("/embed", summary="L2-normalised embedding of an uploaded image or of texts")
     def embed(file: Optional[UploadFile] = File(None), text: Optional[list[str]] = Form(None)) -> dict[str, Any]:
         if (file is None) == (not text):
@@ -302,28 +353,184 @@ def _add_embedding_routes(app: FastAPI, model, index: SearchIndex | None, limits
         return {"kind": "image" if kind != "text" else "text", "format": kind, "model": model.name, "dim": model.dim,
                 "embeddings": vectors.tolist()}
 
-    def _search(embed: Callable[[], np.ndarray], k: int, query: str) -> dict[str, Any]:
-        # The index and k are checked before the query is embedded (embed() checks its own input first).
-        if index is None:
-            raise HTTPException(404, "no search index is loaded: start the service with index=<embedding folder>")
-        k = _check_k(k, limits)
-        hits = index.search(embed(), k)[0]
-        return {"query": query, "index_size": len(index), "results": [hit.to_dict() for hit in hits]}
+    def _search(embed: Callable[[], np.ndarray], k: int, query: str, offset: int = 0,
+                filters: dict[str, Optional[str]] | None = None) -> dict[str, Any]:
+        # The index, k, offset and filters are checked before the query is embedded (embed() checks its own input).
+        found = _need_catalog(catalog)
+        k, offset, checked = _check_k(k, limits), _check_offset(offset, limits), _check_filters(filters, limits)
+        found.allowed(checked)  # an unknown filter column is refused here, before any model work
+        total, hits = found.search(embed(), k, offset, checked)
+        return {"query": query, "index_size": len(found), "total": total, "offset": offset, "k": k,
+                "filters": checked, "results": hits}
 
-    @app.get("/search", summary="Text -> image search")
-    def search_text(text: str = Query(..., min_length=1), k: int = Query(10)) -> dict[str, Any]:
-        return _search(lambda: model.embed_texts(_check_texts([text], limits)), k, text)
+    @app.get("/search", summary="Text -> image search (filters and paging optional)")
+    def search_text(text: str = Query(..., min_length=1), k: int = Query(10),
+                    offset: int = Query(0, description="results to skip (paging)"),
+                    modality: Optional[str] = Query(None, description=FILTER_HELP),
+                    anatomy: Optional[str] = Query(None, description=FILTER_HELP),
+                    split: Optional[str] = Query(None, description=FILTER_HELP),
+                    source: Optional[str] = Query(None, description=FILTER_HELP)) -> dict[str, Any]:
+        filters: dict[str, Optional[str]] = {"modality": modality, "anatomy": anatomy, "split": split,
+                                              "source": source}
+        return _search(lambda: model.embed_texts(_check_texts([text], limits)), k, text, offset, filters)
 
     @app.post("/search", summary="Text or image -> image search (an image in 'file', or a 'text' field)")
     def search_post(file: Optional[UploadFile] = File(None), text: Optional[str] = Form(None),
-                    k: int = Form(10)) -> dict[str, Any]:
+                    k: int = Form(10), offset: int = Form(0, description="results to skip (paging)"),
+                    modality: Optional[str] = Form(None, description=FILTER_HELP),
+                    anatomy: Optional[str] = Form(None, description=FILTER_HELP),
+                    split: Optional[str] = Form(None, description=FILTER_HELP),
+                    source: Optional[str] = Form(None, description=FILTER_HELP)) -> dict[str, Any]:
         if (file is None) == (text is None):
             raise HTTPException(400, "send exactly one of: an image in 'file', or a 'text' field")
+        filters: dict[str, Optional[str]] = {"modality": modality, "anatomy": anatomy, "split": split, "source": source}
         if file is not None:
             upload: UploadFile = file
-            return _search(lambda: _embed_upload(model, upload, limits)[0], k, f"image {upload.filename}")
+            return _search(lambda: _embed_upload(model, upload, limits)[0], k, f"image {upload.filename}", offset,
+                           filters)
         assert text is not None  # exactly one of file and text, checked above
-        return _search(lambda: model.embed_texts(_check_texts([text], limits)), k, text)
+        return _search(lambda: model.embed_texts(_check_texts([text], limits)), k, text, offset, filters)
+
+
+FILTER_HELP = "keep only rows with exactly this value (compared with the table, never used as a path)"
+
+
+def _need_catalog(catalog: Catalog | None) -> Catalog:
+    if catalog is None:
+        raise HTTPException(404, "no search index is loaded: start the service with index=<embedding folder>")
+    return catalog
+
+
+def _check_offset(offset: int, limits: ServiceLimits) -> int:
+    if not 0 <= offset <= limits.max_offset:
+        raise HTTPException(422, f"offset must be between 0 and {limits.max_offset}, got {offset}")
+    return offset
+
+
+def _check_filters(filters: dict[str, Optional[str]] | None, limits: ServiceLimits) -> dict[str, str]:
+    checked: dict[str, str] = {}
+    for name, value in (filters or {}).items():
+        if name not in FILTERS:
+            raise HTTPException(422, f"unknown filter {name!r}; filters: {', '.join(FILTERS)}")
+        if value is None or value == "":
+            continue
+        if len(value) > limits.max_label_chars:
+            raise HTTPException(413, f"the {name} filter has {len(value)} characters, more than the limit of "
+                                     f"{limits.max_label_chars} (max_label_chars)")
+        checked[name] = value
+    return checked
+
+
+def _add_browse_routes(app: FastAPI, model, catalog: Catalog | None, heads: dict[str, ProbeHead],
+                       limits: ServiceLimits, web: WebConfig, index: Any) -> None:
+    archive = None
+    if index is not None:
+        archive = ShardArchive(getattr(index, "folder", None), getattr(index, "info", None),
+                               ImageLimits(max_pixels=limits.max_pixels), web.shard_cache)
+    thumbnails = BytesCache(web.thumbnail_cache_items, web.thumbnail_cache_bytes)
+    images = BytesCache(web.image_cache_items, web.image_cache_bytes)
+
+    def item_id() -> Any:
+        return Path(..., ge=0, description="the row's position in the index (a search hit's 'position')")
+
+    def _row(position: int) -> dict[str, Any]:
+        return _need_catalog(catalog).raw_row(position)
+
+    def _picture(position: int, cache: BytesCache, side: int, image_format: str) -> Response:
+        row = _row(position)
+        assert archive is not None  # a catalog means an index, and with it an archive
+        shard, key = str(row.get("shard") or ""), str(row.get("key") or "")
+        archive.locate(shard)  # a shard that moved or changed is refused even when its picture is cached
+        data = cache.get_or_make((position, side, image_format),
+                                 lambda: encode(archive.image(shard, key), side, image_format))
+        return Response(data, media_type=MEDIA_TYPES[image_format], headers={"cache-control": "private, max-age=3600"})
+
+    @app.get("/facets", summary="The filter values of the index, with their row counts")
+    def facets() -> dict[str, Any]:
+        found = _need_catalog(catalog)
+        return {"index_size": len(found), "filters": found.facets()}
+
+    @app.get("/items/{item_id}", summary="One archive item: every metadata column of its row")
+    def item(item_id: int = item_id()) -> dict[str, Any]:
+        row = _need_catalog(catalog).row(item_id)
+        return {**row, "thumbnail": f"/items/{item_id}/thumbnail", "image": f"/items/{item_id}/image",
+                "similar": f"/items/{item_id}/similar"}
+
+    @app.get("/items/{item_id}/thumbnail", summary="The item's image from its shard, shrunk (JPEG)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}},
+                                                 410: {"description": "the shard moved or changed since embedding"}})
+    def thumbnail(item_id: int = item_id()) -> Response:
+        return _picture(item_id, thumbnails, web.thumbnail_side, "JPEG")
+
+    @app.get("/items/{item_id}/image", summary="The item's image from its shard (PNG, at most web.image_max_side)",
+             response_class=Response, responses={200: {"content": {"image/png": {}}},
+                                                 410: {"description": "the shard moved or changed since embedding"}})
+    def image(item_id: int = item_id()) -> Response:
+        return _picture(item_id, images, web.image_max_side, "PNG")
+
+    @app.get("/items/{item_id}/similar", summary="More like this: image -> image search from an archive item")
+    def similar(item_id: int = item_id(), k: int = Query(10), offset: int = Query(0),
+                modality: Optional[str] = Query(None, description=FILTER_HELP),
+                anatomy: Optional[str] = Query(None, description=FILTER_HELP),
+                split: Optional[str] = Query(None, description=FILTER_HELP),
+                source: Optional[str] = Query(None, description=FILTER_HELP)) -> dict[str, Any]:
+        found = _need_catalog(catalog)
+        k, offset = _check_k(k, limits), _check_offset(offset, limits)
+        filters = _check_filters({"modality": modality, "anatomy": anatomy, "split": split, "source": source},
+                                 limits)
+        total, hits = found.similar(found.check_position(item_id), k, offset, filters)
+        return {"query": f"item {item_id}", "item": item_id, "index_size": len(found), "total": total,
+                "offset": offset, "k": k, "filters": filters, "results": hits}
+
+    @app.post("/analyze", summary="Classify an upload with zero-shot and every loaded head, and find its neighbours")
+    def analyze(file: UploadFile = File(..., description="the image: PNG, JPEG, TIFF, WebP, BMP or DICOM"),
+                k: int = Form(12), modality: Optional[str] = Form(None, description=FILTER_HELP),
+                anatomy: Optional[str] = Form(None, description=FILTER_HELP),
+                split: Optional[str] = Form(None, description=FILTER_HELP),
+                source: Optional[str] = Form(None, description=FILTER_HELP)) -> dict[str, Any]:
+        k = _check_k(k, limits)
+        filters = _check_filters({"modality": modality, "anatomy": anatomy, "split": split, "source": source},
+                                 limits)
+        if catalog is not None:
+            catalog.allowed(filters)
+        embedding, kind = _embed_upload(model, file, limits)
+        results = []
+        for name, head in [*((task, None) for task in taxonomy.TASKS), *heads.items()]:
+            task, labels, probs, method = model.classify_embeddings(embedding, None if head else name, head=head)
+            order = np.argsort(-probs[0], kind="stable")
+            results.append({"name": name if head is None else f"head {name}", "task": task, "method": method,
+                            "prediction": labels[int(order[0])],
+                            "probabilities": [{"label": labels[i], "probability": float(probs[0][i])}
+                                              for i in order]})
+        neighbours = None
+        if catalog is not None:
+            total, hits = catalog.search(embedding, k, 0, filters)
+            neighbours = {"index_size": len(catalog), "total": total, "offset": 0, "k": k, "filters": filters,
+                          "results": hits}
+        return {"input": file.filename, "format": kind, "classifications": results, "neighbours": neighbours}
+
+
+WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+             "app.css": "text/css; charset=utf-8"}
+
+
+def _web_files() -> dict[str, bytes]:
+    folder = resources.files("clip_med.inference") / "web"
+    return {name: (folder / name).read_bytes() for name in WEB_FILES}
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    files = _web_files()  # read once; a request only ever picks one of these by its exact name
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(files["index.html"], headers={"cache-control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in files:
+            raise HTTPException(404, "no such page file")
+        return Response(files[name], media_type=WEB_FILES[name], headers={"cache-control": "no-cache"})
 
 
 def _resolve_head(name: str | None, heads: dict[str, ProbeHead]) -> ProbeHead | None:
@@ -338,10 +545,12 @@ def _resolve_head(name: str | None, heads: dict[str, ProbeHead]) -> ProbeHead | 
 def build_service(cfg: ServeConfig) -> FastAPI:
     from clip_med.inference.model import load
 
+    token = resolve_token(cfg.auth)
+    check_bind(cfg.host, token)  # before the model is loaded: a refusal is immediate
     model = load(cfg.checkpoint, cfg.model_name, cfg.device)
     try:
         heads = {name: ProbeHead.load(path) for name, path in cfg.heads.items()}
         index = SearchIndex.open(cfg.index) if cfg.index else None
     except (HeadError, IndexFolderError) as exc:
         raise ValueError(f"cannot start the service: {exc}") from None
-    return create_app(model, index, heads, cfg.limits)
+    return create_app(model, index, heads, cfg.limits, cfg.web, token, cfg.cors_origins)
