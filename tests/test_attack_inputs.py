@@ -277,3 +277,29 @@ def test_shards_written_keep_every_member_name_safe(tmp_path):
         for url in shard_set.urls(split):
             with tarfile.open(url) as tar:
                 assert all("/" not in member.name and ".." not in member.name.split(".")[0] for member in tar)
+
+
+def test_a_table_of_dicom_files_writes_no_path_derived_identity(tmp_path):
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    patient = tmp_path / "data" / "MRN1234567"
+    patient.mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), patient / "DOE_JANE_1.dcm")
+    rows = [{"image": "MRN1234567/DOE_JANE_1.dcm", "caption": "axial CT of the chest"},
+            {"image": "MRN1234567/DOE_JANE_missing.dcm", "caption": "a file that is not there"}]
+    table = _table(tmp_path, rows, header=("image", "caption"))
+    out = tmp_path / "out"
+    shard_set = prepare_shards(TableSourceConfig(path=str(table)), ShardConfig(out=str(out), **SHARDS))
+    manifest = shard_set.manifest("train")
+    assert (manifest.written_count, [item.reason for item in manifest.skipped]) == (1, ["missing_file"])
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            blobs = [data]
+            if path.suffix == ".tar":
+                with tarfile.open(path) as tar:
+                    blobs += [member.name.encode() for member in tar]
+            for blob in blobs:
+                assert b"MRN1234567" not in blob and b"DOE_JANE" not in blob, path

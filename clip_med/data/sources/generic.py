@@ -23,13 +23,16 @@ Labels not given by a column, tag or folder come from the caption rules
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from clip_med.core.templates import fill_template
+from clip_med.data import dicom_deid
 from clip_med.data.images import ImageRejected
 from clip_med.data.record import Record, SkipReason
 from clip_med.data.sources import register_source
@@ -81,6 +84,10 @@ class TableSourceConfig(HoldoutSourceConfig):
     meta_columns: list[str] = field(default_factory=list)
     decoder: str = "auto"  # auto (dicom for .dcm/.dicom) | pil | dicom
     split: str = "train"  # the split of rows without a split column
+    # DICOM rows without an id_column get a keyed hash of their image path as id, key and origin
+    # (folders are often named after patients; clip_med.data.dicom_deid). false: the paths.
+    hash_dicom_paths: bool = True
+    id_secret_file: Optional[str] = None  # the hash key's file (None: dicom_deid's default)
 
     def input_roots(self) -> list[str]:
         if self.image_root:
@@ -107,7 +114,7 @@ def _dicom_labels(path: str) -> tuple[dict[str, str], dict[str, str], dict[str, 
 
 
 def _table_pair(row: dict[str, Any] | BadRow, line: int, table: Path, split: str, base: Path,
-                cfg: TableSourceConfig) -> PairInput:
+                cfg: TableSourceConfig, key: Callable[[], bytes]) -> PairInput:
     if isinstance(row, BadRow):
         return bad_row_pair(row, line, table, split)
     require_columns(row, [cfg.image_column, cfg.caption_column, *cfg.label_columns.values(), *cfg.meta_columns],
@@ -122,6 +129,8 @@ def _table_pair(row: dict[str, Any] | BadRow, line: int, table: Path, split: str
         meta["case_id"] = str(row[cfg.group_column])
     labels, origin = metadata_labels({task: row.get(column) for task, column in cfg.label_columns.items()})
     decoder = decoder_for(path, cfg.decoder)
+    if decoder == "dicom" and image and not cfg.id_column and cfg.hash_dicom_paths:
+        record_id = "dcm-" + dicom_deid.keyed_hash(key(), "path", image, 24)
     if decoder == "dicom" and path and os.path.isfile(path):
         tag_labels, tag_origin, tag_meta = _dicom_labels(path)
         labels, origin = {**tag_labels, **labels}, {**tag_origin, **origin}
@@ -144,12 +153,17 @@ def read_table_source(cfg: TableSourceConfig) -> dict[str, list[Record]]:
                          "source.files={<split>: <table>, ...}")
     tables = {cfg.split: cfg.path} if cfg.path else dict(cfg.files)
     template = cfg.text_template or "{caption}"
+    key = functools.cache(lambda: dicom_deid.load_id_key(cfg.id_secret_file))  # read once, only for DICOM rows
     pairs = []
     for split, table_name in tables.items():
         table = Path(table_name).expanduser()
         base = Path(cfg.image_root).expanduser() if cfg.image_root else table.parent
-        pairs += [_table_pair(row, line, table, split, base, cfg) for line, row in read_table(table, cfg.format)]
+        pairs += [_table_pair(row, line, table, split, base, cfg, key) for line, row in read_table(table, cfg.format)]
     records = build_records(pairs, template)
+    for record in records:
+        if record.decoder == "dicom" and record.id.startswith("dcm-") and not cfg.id_column and cfg.hash_dicom_paths:
+            record.origin = record.id  # the path stays the locator; what is written names the row by its hash
+            record.deidentification = dicom_deid.summary(False, False, True, key())
     if not records:
         raise ValueError(f"no rows in {', '.join(map(str, tables.values()))}")
     return split_records(records, cfg, from_split=cfg.split)
