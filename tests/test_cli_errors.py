@@ -45,6 +45,7 @@ USER_ERRORS = {
     "export: text file as checkpoint": ("clip_med.export", ["checkpoint={notes}", "out={tmp}/exported"],
                                         "is a text file"),
     "search: no index": ("clip_med.search", ["index={tmp}/no-index", "text=chest"], "not an embedding folder"),
+    "med_mat: no questions": ("clip_med.med_mat", ["checkpoint={notes}"], "give the Med-MAT folder"),
 }
 
 # A bug in a job: Hydra's traceback, not an error line.
@@ -73,7 +74,7 @@ OTHERS = {
        for name in EXPERIMENTS for plus in ("", "+")},
 }
 LIGHT = {"clip_med.shard", None}  # and the dispatcher's own help, or its shard command
-HEAVY_COMMANDS = ["train", "evaluate", "probe", "embed", "search", "serve", "classify", "export"]
+HEAVY_COMMANDS = ["train", "evaluate", "probe", "embed", "search", "serve", "classify", "export", "med_mat"]
 
 # Imports the heavy commands once, then runs each command line (JSON in argv[1]) in a forked child as
 # `python -m` would (runpy, as __main__), its stdout and stderr in files; prints {name: [status, out, err]}.

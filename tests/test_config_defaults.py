@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from clip_med.cli.common import _DATA_FIELDS
 from clip_med.cli.config import CONF_DIR, to_object
+from clip_med.cli.med_mat import MedMatConfig
 from clip_med.data.shardset import ShardCommandConfig
 from clip_med.data.sources import all_sources
 from clip_med.data.sources.medpix import MedPixSourceConfig
@@ -29,7 +30,7 @@ from clip_med.inference.service import ServeConfig
 from clip_med.modeling.export import ExportConfig
 from clip_med.training.config import TrainConfig
 
-for _module in ("train", "serve", "embed", "classify", "evaluate", "search", "probe", "export"):
+for _module in ("train", "serve", "embed", "classify", "evaluate", "search", "probe", "export", "med_mat"):
     importlib.import_module(f"clip_med.cli.{_module}")  # each registers its schema as its command does
 importlib.import_module("clip_med.cli.shard").register()
 
@@ -44,6 +45,7 @@ COMMANDS: dict[str, tuple[type, dict[str, str]]] = {
     "search": (SearchConfig, {"index": "emb"}),
     "probe": (ProbeConfig, {"checkpoint": "c.pt"}),
     "export": (ExportConfig, {"checkpoint": "c.pt", "out": "export"}),
+    "med_mat": (MedMatConfig, {"checkpoint": "c.pt"}),
 }
 # Commands whose `data` group option (data=medpix) the dataclass leaves to the caller (data=None).
 DATA_COMMANDS = ("evaluate", "probe")

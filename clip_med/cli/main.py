@@ -24,6 +24,7 @@ COMMANDS = {
     "serve": "the HTTP service: classify, embed and search",
     "classify": "classify images (PNG, JPEG, DICOM, folders, globs) zero-shot or with a probe head",
     "export": "write a checkpoint as open_clip-loadable weights (safetensors and config)",
+    "med_mat": "answer Med-MAT's multiple-choice questions by scoring the options; accuracy per subset",
 }
 PROG = "clip-med"
 
