@@ -78,9 +78,13 @@ def make_medpix(root: Path, cases: dict[str, int] | None = None, images_per_case
 
 
 def tiny_train_config(tmp_path: Path, **trainer_overrides) -> TrainConfig:
-    """A synthetic run that takes seconds: 32 px images, tiny model, no worker processes."""
-    trainer = TrainerConfig(epochs=2, progress=False, tensorboard=False, checkpoint_every_steps=4,
-                            log_every_steps=1, **trainer_overrides)
+    """A synthetic run that takes seconds: 32 px images, tiny model, no worker processes.
+
+    Pinned to the CPU (``device=auto`` would pick a GPU where there is one, and the CPU tests compare
+    against CPU fp32 references; on one GPU a second torchrun rank would have no device).
+    """
+    trainer = TrainerConfig(**{"epochs": 2, "progress": False, "tensorboard": False, "checkpoint_every_steps": 4,
+                               "log_every_steps": 1, "device": "cpu", **trainer_overrides})
     return TrainConfig(
         source=SyntheticSourceConfig(image_size=32, sizes={"train": 96, "dev": 32}),
         shards=ShardConfig(out=str(tmp_path / "shards"), max_samples=24, workers=0, progress=False),

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clip_med.core.distributed import pick_device
-from clip_med.core.precision import autocast_context
+from clip_med.core.precision import autocast_context, resolve_precision
 from clip_med.data.images import ImageRejected
 from clip_med.data.manifest import load_manifest
 from clip_med.data.transforms import create_transform
@@ -113,7 +113,7 @@ class ClipMedModel:
                  prompt_synonyms: bool = True):
         self.bundle, self.model, self.tokenizer, self.info = bundle, bundle.model, bundle.tokenizer, info
         self.device = device
-        self.precision = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.precision = resolve_precision(precision, device)
         self.preprocessing = preprocessing or shard_preprocessing(info)
         self.transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=False)
         self.labels = {task: list(values) for task, values in (labels or {}).items()}

@@ -42,7 +42,8 @@ class TrainerConfig:
     # Stop after this many optimizer steps even if epochs remain (None: run all epochs).
     max_steps: Optional[int] = bounded(None, minimum=1)
     device: str = "auto"  # auto | cpu | cuda
-    # auto: bf16 autocast on CUDA, fp32 on CPU. Also fp32 | bf16 | fp16 (fp16 uses a grad scaler).
+    # auto: bf16 autocast on GPUs with native bf16 (compute capability >= 8), fp16 with a grad scaler
+    # on older ones, fp32 on CPU. Also fp32 | bf16 | fp16. Evaluation and inference use the same.
     precision: str = "auto"
     dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
     # How long a process waits for the others at a collective (e.g. while rank 0 writes shards).
@@ -62,6 +63,14 @@ class TrainerConfig:
     max_nonfinite_steps: int = bounded(5, minimum=0)
     progress: bool = True
     tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        # DDP's static graph and no_sync() (gradient accumulation) fail on the first backward
+        # (an INTERNAL ASSERT in its reducer; pytorch#143580): refuse the pair before any work.
+        if self.ddp_static_graph and self.accum_freq > 1:
+            raise ValueError(f"trainer.ddp_static_graph=true cannot be combined with trainer.accum_freq="
+                             f"{self.accum_freq} (DDP's static graph breaks under no_sync(), pytorch#143580): "
+                             "drop one of the two")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any, TypedDict
 import torch
 
 from clip_med.core import distributed
+from clip_med.core.precision import resolve_precision
 from clip_med.data.shardset import ShardSet
 from clip_med.data.transforms import create_transform
 from clip_med.eval.embeddings import embed_split
@@ -71,7 +72,7 @@ def _evaluate(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, info: 
               step: int) -> dict[str, Any]:
     split = shard_set.held_out_split(cfg.data.train_split, cfg.eval.split)
     transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=False)
-    precision = "bf16" if info.device.type == "cuda" else "fp32"
+    precision = resolve_precision(cfg.trainer.precision, info.device)  # the run's own precision
     common = _EmbedOptions(transform=transform, tokenizer=bundle.tokenizer, device=info.device,
                   batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, precision=precision,
                   tasks=cfg.eval.tasks, progress=cfg.trainer.progress)

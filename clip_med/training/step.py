@@ -20,25 +20,15 @@ from typing import Any, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from clip_med.core.precision import PRECISIONS as PRECISIONS  # re-exported
 from clip_med.core.precision import autocast_context
+from clip_med.core.precision import resolve_precision as resolve_precision  # re-exported
 from clip_med.modeling.factory import clip_model
 from clip_med.modeling.losses import total_loss
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 _SCALARS = ("logit_scale", "logit_bias")
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}: use auto, fp32, bf16 or fp16")
-    if requested in ("bf16", "fp16") and device.type != "cuda":
-        log.warning("precision=%s asked for on %s: training in fp32", requested, device)
-        return "fp32"
-    return requested
 
 
 def create_grad_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
