@@ -238,6 +238,7 @@ DECODERS: dict[str, str] = {
     "pil": "clip_med.data.images:read_image_file",
     "synthetic": "clip_med.data.sources.synthetic:render_locator",
     "dicom": "clip_med.data.dicom:read_dicom_file",
+    "tar_member": "clip_med.data.sources.clip_benchmark:read_tar_member",  # an image inside a CLIP_benchmark tar
 }
 
 

@@ -57,7 +57,7 @@ class SourceSpec:
 
 
 SOURCES: dict[str, SourceSpec] = {}
-_BUILTIN_MODULES = ("synthetic", "medpix", "roco", "pmc_oa", "generic", "dicom")
+_BUILTIN_MODULES = ("synthetic", "medpix", "roco", "pmc_oa", "generic", "dicom", "clip_benchmark")
 
 
 def register_source(
