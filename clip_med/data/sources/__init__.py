@@ -92,7 +92,10 @@ FILE_DECODERS = ("pil", "dicom")  # the decoders whose Record.image is a file pa
 
 
 def _inside(path: str, roots: list[str]) -> bool:
-    real = os.path.realpath(path)  # follows symlinks, removes ../
+    try:
+        real = os.path.realpath(path)  # follows symlinks, removes ../
+    except (ValueError, OSError):  # a NUL byte, a name the file system refuses: not a path inside
+        return False
     return any(os.path.commonpath([root, real]) == root for root in roots)
 
 
