@@ -41,3 +41,15 @@ def test_the_run_and_its_evaluation_resolve_precision_in_one_place():
 
     assert step.resolve_precision is precision.resolve_precision is inference_resolve
     assert evaluation.resolve_precision is precision.resolve_precision
+
+
+@pytest.mark.parametrize("cores, local, expected", [(16, "1", 8), (16, "8", 1), (64, "8", 7), (16, "4", 3),
+                                                    (2, "1", 1)])
+def test_extraction_workers_share_the_cores_between_local_ranks(monkeypatch, cores, local, expected):
+    from clip_med.inference import extract
+
+    monkeypatch.setattr(extract.os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert extract.loader_workers(-1, torch.device("cuda", 0)) == expected
+    assert extract.loader_workers(-1, torch.device("cpu")) == 0
+    assert extract.loader_workers(3, torch.device("cuda", 0)) == 3

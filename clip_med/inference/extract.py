@@ -224,9 +224,14 @@ class _Dataset(torch.utils.data.IterableDataset):
 
 
 def loader_workers(requested: int, device: torch.device) -> int:
+    """Loader processes for extraction: ``requested``, or automatically none on the CPU and, on a GPU,
+    this process's share of the cores (``LOCAL_WORLD_SIZE`` processes per node under torchrun), at most 8."""
     if requested >= 0:
         return requested
-    return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1))
+    if device.type == "cpu":
+        return 0
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(8, max(1, (os.cpu_count() or 2) // local_processes - 1))
 
 
 def create_loader(urls: list[str], transform: Callable, tokenizer: Callable | None, batch_size: int,
