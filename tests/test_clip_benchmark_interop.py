@@ -210,7 +210,7 @@ def test_clip_benchmark_command_line_on_the_export(built, tmp_path):
                                                                    str(folder / TEMPLATES_JSON)]),
                               ("zeroshot_retrieval", folder / "retrieval", ["--recall_k", "1", "5", "10"])):
         output = tmp_path / f"{task}.json"
-        command = [sys.executable, "-m", "clip_med.eval.clip_benchmark_wds", "clip_benchmark", "eval",
+        command = [sys.executable, "-m", "clip_med.cli.clip_benchmark_wds", "clip_benchmark", "eval",
                    "--dataset", f"wds/{folder.name}", "--dataset_root", str(root), "--task", task,
                    "--model", f"local-dir:{built['export']}", "--pretrained", "none", "--model_type", "open_clip",
                    "--no_amp", "--num_workers", "0", "--batch_size", "16", "--output", str(output), *extra]

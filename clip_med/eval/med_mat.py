@@ -664,8 +664,9 @@ def _embed_images(model: EmbeddingModel, paths: list[str]) -> tuple[dict[str, np
     try:
         embedded = _normalise(model.embed_images(paths))
         return dict(zip(paths, embedded)), {}
-    except ImageRejected:
-        pass  # one bad file in the batch: embed one by one to find it
+    except ImageRejected as rejected:  # one bad file in the batch: embed one by one to find it
+        log.debug("a batch of %d images holds an unreadable one (%s): embedding them one by one",
+                  len(paths), rejected.reason)
     vectors, bad = {}, {}
     for path in paths:
         try:
