@@ -46,6 +46,9 @@ USER_ERRORS = {
                                         "is a text file"),
     "search: no index": ("clip_med.search", ["index={tmp}/no-index", "text=chest"], "not an embedding folder"),
     "med_mat: no questions": ("clip_med.med_mat", ["checkpoint={notes}"], "give the Med-MAT folder"),
+    "benchmark: no suite": ("clip_med.benchmark", ["models=[{notes}]"], "suite"),
+    "benchmark: text file as model": ("clip_med.cli.main", ["benchmark", "suite=medpix", "models=[{notes}]",
+                                                            "out={tmp}/bench", "sets=[medpix]"], "is a text file"),
 }
 
 # A bug in a job: Hydra's traceback, not an error line.
@@ -74,7 +77,8 @@ OTHERS = {
        for name in EXPERIMENTS for plus in ("", "+")},
 }
 LIGHT = {"clip_med.shard", None}  # and the dispatcher's own help, or its shard command
-HEAVY_COMMANDS = ["train", "evaluate", "probe", "embed", "search", "serve", "classify", "export", "med_mat"]
+HEAVY_COMMANDS = ["train", "evaluate", "probe", "embed", "search", "serve", "classify", "export", "med_mat",
+                  "benchmark"]
 
 # Imports the heavy commands once, then runs each command line (JSON in argv[1]) in a forked child as
 # `python -m` would (runpy, as __main__), its stdout and stderr in files; prints {name: [status, out, err]}.

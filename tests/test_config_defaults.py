@@ -23,6 +23,8 @@ from clip_med.data.shardset import ShardCommandConfig
 from clip_med.data.sources import all_sources
 from clip_med.data.sources.medpix import MedPixSourceConfig
 from clip_med.eval.datasets import ShardsData
+from clip_med.eval.suite import SuiteConfig
+from clip_med.inference.benchmark import BenchmarkConfig
 from clip_med.inference.commands import ClassifyConfig, EmbedConfig, SearchConfig
 from clip_med.inference.evaluation import EvaluateConfig
 from clip_med.inference.probing import ProbeConfig
@@ -30,7 +32,7 @@ from clip_med.inference.service import ServeConfig
 from clip_med.modeling.export import ExportConfig
 from clip_med.training.config import TrainConfig
 
-for _module in ("train", "serve", "embed", "classify", "evaluate", "search", "probe", "export", "med_mat"):
+for _module in ("train", "serve", "embed", "classify", "evaluate", "search", "probe", "export", "med_mat", "benchmark"):
     importlib.import_module(f"clip_med.cli.{_module}")  # each registers its schema as its command does
 importlib.import_module("clip_med.cli.shard").register()
 
@@ -46,9 +48,12 @@ COMMANDS: dict[str, tuple[type, dict[str, str]]] = {
     "probe": (ProbeConfig, {"checkpoint": "c.pt"}),
     "export": (ExportConfig, {"checkpoint": "c.pt", "out": "export"}),
     "med_mat": (MedMatConfig, {"checkpoint": "c.pt"}),
+    "benchmark": (BenchmarkConfig, {"models": "c.pt", "suite": "medpix"}),
 }
 # Commands whose `data` group option (data=medpix) the dataclass leaves to the caller (data=None).
 DATA_COMMANDS = ("evaluate", "probe")
+# Commands whose `suite` group option (suite=medpix, required) the dataclass leaves to the caller (suite=None).
+SUITE_COMMANDS = ("benchmark",)
 GROUPS = ("source", "model", "loss", "data", "exp")
 
 
@@ -79,6 +84,9 @@ def test_the_composed_default_is_the_dataclass_default(command):
                          **dataclasses.asdict(MedPixSourceConfig())}
         assert dataclasses.asdict(composed.data) == expected_data
         composed = dataclasses.replace(composed, data=None)
+    if command in SUITE_COMMANDS:
+        assert isinstance(composed.suite, SuiteConfig) and composed.suite.name == required["suite"]
+        composed, expected = dataclasses.replace(composed, suite=None), dataclasses.replace(expected, suite=None)
     assert type(composed) is schema
     for item in dataclasses.fields(schema):  # field by field, for a readable failure
         assert getattr(composed, item.name) == getattr(expected, item.name), item.name
@@ -144,6 +152,8 @@ def schema_defaults(path: Path) -> tuple[dict[str, Any], bool]:
         return dataclasses.asdict(schema(**{key: "???" for key in required})), False
     if group == "exp":
         return dataclasses.asdict(TrainConfig()), False
+    if group == "suite":
+        return dataclasses.asdict(SuiteConfig()), True
     if group == "source":
         return _source_defaults(path.stem), True
     if group == "data":

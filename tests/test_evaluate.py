@@ -6,7 +6,6 @@ from api_helpers import save_checkpoint, synthetic_shards
 from helpers import make_medpix
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf.errors import MissingMandatoryValue
 
 from clip_med.cli.common import register_command
 from clip_med.cli.config import CONF_DIR, to_object
@@ -63,8 +62,9 @@ def test_every_command_config_composes_and_refuses_typos(command):
 
 
 def test_a_missing_checkpoint_is_named():
-    with pytest.raises(MissingMandatoryValue, match="checkpoint"):
-        _compose("evaluate", [])
+    # checkpoint= or model= (a pretrained model by name): the loader names both when neither is given.
+    with pytest.raises(ValueError, match="give a checkpoint .*checkpoint=.* or a pretrained model .*model=hf-hub:"):
+        evaluate_checkpoint(_compose("evaluate", ["data=synthetic"]))
 
 
 def test_evaluate_writes_a_complete_report_for_a_medpix_test_split(tmp_path):

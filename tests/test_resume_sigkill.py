@@ -57,11 +57,12 @@ def _install_kill(kill: dict) -> None:
 
         def step(run, group):
             if run.state.step + 1 == kill["at_step"]:
+                run.writer.wait()  # the background write of the checkpoint before lands first (mid-write: below)
                 _kill_self()
             return original(run, group)
 
         trainer._train_step = step
-    if "in_write_of_step" in kill:  # dies with half of that checkpoint on disk
+    if "in_write_of_step" in kill:  # dies with half of that checkpoint on disk (written by the background thread)
         real_save = torch.save
 
         def save(obj, f, *args, **kwargs):

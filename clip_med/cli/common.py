@@ -24,6 +24,7 @@ from dataclasses import field, make_dataclass
 from typing import Any, NoReturn, Optional
 
 import hydra
+import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING
@@ -127,17 +128,51 @@ def command(config_name: str, register: Callable[[], None] | None = None) -> Cal
         def main(cfg: Any = None) -> Any:
             if cfg is not None:
                 return hydra_main(cfg)
-            return run_as_tool(hydra_main, register)
+            return run_as_tool(hydra_main, register, config_name)
 
         return main
 
     return decorate
 
 
-def normalise_overrides(overrides: list[str]) -> list[str]:
+def normalise_overrides(overrides: list[str], config_name: str | None = None) -> list[str]:
     """``exp=<name>`` -> ``+exp=<name>``: an experiment is not in any defaults list, so Hydra only
-    takes it appended; lightning-hydra-template users write ``experiment=<name>`` without ``+``."""
-    return ["+" + item if item.startswith("exp=") else item for item in overrides]
+    takes it appended; lightning-hydra-template users write ``experiment=<name>`` without ``+``.
+
+    ``model=<value>`` names a model on every command (Hydra would read it as a ``model`` group
+    choice only): a ``conf/model`` option (``model=biomedclip``) stays a group choice where the
+    command has the group (train) and becomes that option's ``model_name``/``pretrained`` elsewhere;
+    any other value (``hf-hub:<org>/<repo>``, ``local-dir:<folder>``, an architecture) becomes
+    ``model.name=<value>`` (train) or ``model_name=<value>`` (the commands that use a model).
+    """
+    has_group = _has_model_group(config_name)
+    normalised = []
+    for item in overrides:
+        key, equals, value = item.partition("=")
+        if item.startswith("exp="):
+            normalised.append("+" + item)
+        elif key != "model" or not equals:
+            normalised.append(item)
+        elif (CONF_DIR / "model" / f"{value}.yaml").is_file():
+            normalised += [item] if has_group else _model_option_overrides(value)
+        else:
+            normalised.append(f"model.name={value}" if has_group else f"model_name={value}")
+    return normalised
+
+
+def _has_model_group(config_name: str | None) -> bool:
+    path = CONF_DIR / f"{config_name}.yaml"
+    if config_name is None or not path.is_file():
+        return False
+    defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
+    return any(isinstance(entry, dict) and "model" in entry for entry in defaults)
+
+
+def _model_option_overrides(option: str) -> list[str]:
+    """A ``conf/model`` option's name (and pretrained tag) as a command's ``model_name=``/``pretrained=``."""
+    values = yaml.safe_load((CONF_DIR / "model" / f"{option}.yaml").read_text(encoding="utf-8")) or {}
+    overrides = [f"model_name={values['name']}"] if values.get("name") else []
+    return overrides + ([f"pretrained={values['pretrained']}"] if values.get("pretrained") else [])
 
 
 _saved_full_error: list[str | None] = []
@@ -153,7 +188,8 @@ def _restore_full_error() -> None:
             os.environ[FULL_ERROR] = value
 
 
-def run_as_tool(hydra_main: Callable[[], Any], register: Callable[[], None] | None = None) -> Any:
+def run_as_tool(hydra_main: Callable[[], Any], register: Callable[[], None] | None = None,
+                config_name: str | None = None) -> Any:
     """Call a ``@hydra.main`` function on ``sys.argv``, turning Hydra's report of a composition error
     (several lines, with advice that does not apply here) into one ``error:`` line.
 
@@ -161,7 +197,7 @@ def run_as_tool(hydra_main: Callable[[], Any], register: Callable[[], None] | No
     is set while Hydra composes the config and given back its own value when the job starts (see
     :func:`user_errors`), so the job's own bugs are reported by Hydra as usual.
     """
-    sys.argv[1:] = normalise_overrides(sys.argv[1:])
+    sys.argv[1:] = normalise_overrides(sys.argv[1:], config_name)
     if register is not None:
         register()
     if _full_error():

@@ -1,7 +1,9 @@
-"""``python -m clip_med.export checkpoint=<checkpoint or run folder> out=<folder>``: open_clip-loadable weights.
+"""``python -m clip_med.export checkpoint=<checkpoint or run folder> out=<folder>``: the hub's open_clip layout.
 
-Writes safetensors weights and an open_clip config, then checks that plain open_clip loads the
-folder back with the same weights and embeddings (see clip_med.modeling.export).
+Writes safetensors weights (LoRA adapters merged), an open_clip config and a Hugging Face text
+tower's tokenizer files, then checks that plain open_clip loads the folder back (``local-dir:``) with
+the same weights, tokens and embeddings (see clip_med.modeling.export). Uploaded as a hub repo, the
+folder loads with ``hf-hub:<org>/<repo>``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ COMMANDS = {
     "classify": "classify images (PNG, JPEG, DICOM, folders, globs) zero-shot or with a probe head",
     "export": "write a checkpoint as open_clip-loadable weights (safetensors and config)",
     "med_mat": "answer Med-MAT's multiple-choice questions by scoring the options; accuracy per subset",
+    "benchmark": "several models on every data set of a suite (suite=medmnist|biomedclip|chest_xray|medpix), "
+                 "side by side",
 }
 PROG = "clip-med"
 

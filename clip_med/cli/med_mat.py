@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from clip_med.cli.common import command, register_command
 from clip_med.cli.config import setup_logging, to_object
 from clip_med.eval.med_mat import MedMatOptions, check_option_template, evaluate_med_mat, find_files, render_summary
-from clip_med.inference.evaluation import ModelOptions
+from clip_med.inference.evaluation import ModelOptions, load_model
 
 
 @dataclass
@@ -30,11 +30,9 @@ class MedMatConfig(MedMatOptions, ModelOptions):
 
 
 def run_med_mat(cfg: MedMatConfig) -> dict[str, Any]:
-    from clip_med.inference.model import load
-
     check_option_template(cfg.template)
     find_files(cfg.root, cfg.files)  # no question file: fail before loading the model
-    model = load(cfg.checkpoint, cfg.model_name, cfg.device)
+    model = load_model(cfg)
     options = MedMatOptions(**{item.name: getattr(cfg, item.name) for item in dataclasses.fields(MedMatOptions)})
     extra = {"model": model.name, "checkpoint": str(model.info.path), "step": model.info.step}
     return evaluate_med_mat(model, cfg.root, cfg.files, options, cfg.out or "runs/med_mat", extra)

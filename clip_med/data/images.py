@@ -239,6 +239,8 @@ DECODERS: dict[str, str] = {
     "synthetic": "clip_med.data.sources.synthetic:render_locator",
     "dicom": "clip_med.data.dicom:read_dicom_file",
     "tar_member": "clip_med.data.sources.clip_benchmark:read_tar_member",  # an image inside a CLIP_benchmark tar
+    "npz_array": "clip_med.data.sources.arrays:read_npz_item",  # a row of a .npz member (MedMNIST)
+    "h5_array": "clip_med.data.sources.arrays:read_h5_item",  # a row of an HDF5 dataset (PCam)
 }
 
 

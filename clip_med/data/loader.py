@@ -27,11 +27,14 @@ DataLoader's round-robin order continues with the worker that was next when the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
+import multiprocessing
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -59,12 +62,15 @@ log = logging.getLogger(__name__)
 EVAL_DECODE = sorted(SHARD_MEMBERS)
 TRAIN_DECODE = [*IMAGE_KEYS.split(";"), "txt"]  # training does not use the metadata
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+CPU_TRAIN_WORKERS = 2  # LoaderConfig.workers=None on the CPU
 
 
 @dataclass
 class LoaderConfig:
     batch_size: int = bounded(64, minimum=1)
-    workers: int = bounded(2, minimum=0)
+    # Loader processes per training process (None: 2 on the CPU; on a GPU this process's share of the
+    # node's cores, LOCAL_WORLD_SIZE processes per node, less one for the training process itself).
+    workers: Optional[int] = bounded(None, minimum=0)
     shuffle_buffer: int = bounded(1000, minimum=0)
     # "full" uses the whole training text; "sentences" keeps each sentence with probability
     # sentence_keep_prob (at least one), a text augmentation that also teaches the text tower
@@ -75,6 +81,11 @@ class LoaderConfig:
     # Added to the loader worker processes' niceness (Unix), so that on a CPU-bound machine the
     # training step wins when both want a core; the loader keeps up from the idle time. 0: off.
     worker_niceness: int = bounded(5, minimum=0, maximum=19)
+    # Keep the worker processes from one epoch to the next (each epoch still replays exactly).
+    persistent_workers: bool = True
+    # Images cross the loader as uint8 and are normalised on the training device (a quarter of the bytes
+    # through shared memory and to the GPU; the same numbers as normalising in the loader).
+    uint8_images: bool = True
 
 
 @dataclass
@@ -346,6 +357,47 @@ def _positions(batch_size: int, batches_done: Optional[dict[int, int]],
             for worker, count in (batches_done or {}).items()}
 
 
+@dataclass
+class _TrainPipeline:
+    """Builds one epoch's training pipeline inside a loader worker (picklable for spawn)."""
+
+    urls: Sequence[str]
+    transform: Callable
+    tokenizer: Callable
+    cfg: LoaderConfig
+    seed: int
+    rank: int
+    world_size: int
+    shard_counts: Optional[dict[str, int]]
+
+    def __call__(self, epoch: int, positions: dict[int, WorkerPosition], first_worker: int) -> wds.DataPipeline:
+        worker, _ = logical_worker(first_worker)
+        stream_errors = ShardErrorCounter()
+        sample_errors = ErrorCounter(initial=positions[worker].sample_errors if worker in positions else None,
+                                     shard_errors=False)
+        cfg, seed = self.cfg, self.seed
+        return wds.DataPipeline(
+            epoch_shards(self.urls, epoch, seed, shuffle=True),
+            split_shards(self.rank, self.world_size, first_worker, stream_errors.opening),
+            pipeline.read_tar(stream_errors, TRAIN_DECODE),
+            check_shard_lengths(self.shard_counts, stream_errors),
+            seeded_shuffle(cfg.shuffle_buffer, seed, epoch, self.rank, first_worker),
+            skip_consumed(positions, first_worker),
+            pipeline.decode(TRAIN_DECODE, sample_errors),
+            pipeline.transform(to_sample(self.transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob),
+                               sample_errors),
+            pipeline.batch(cfg.batch_size, partial=False),
+            pipeline.tokenize(collate(self.tokenizer, sample_errors, positions, first_worker, stream_errors),
+                              sample_errors),
+        )
+
+
+def _loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    # The loader's own base seed comes from this generator, not from the global RNG, so
+    # creating a loader does not change the training process's random state.
+    return torch.Generator().manual_seed(_stable_seed(seed, "loader", epoch, rank))
+
+
 def create_train_loader(urls: Sequence[str], transform: Callable, tokenizer: Callable, cfg: LoaderConfig,
                         epoch: int, seed: int, workers: int,
                         batches_done: Optional[dict[int, int]] = None, *,
@@ -353,7 +405,7 @@ def create_train_loader(urls: Sequence[str], transform: Callable, tokenizer: Cal
                         rank: Optional[int] = None, world_size: Optional[int] = None,
                         first_worker: int = 0, pin_memory: bool = False,
                         shard_counts: Optional[dict[str, int]] = None) -> DataLoader:
-    """One epoch of this rank's training batches.
+    """One epoch of this rank's training batches (:class:`TrainStream` serves a whole run).
 
     ``rank``/``world_size`` default to torchrun's environment (or the initialised process
     group). A resumed epoch passes ``resume`` (each worker's position) and ``first_worker``
@@ -363,32 +415,115 @@ def create_train_loader(urls: Sequence[str], transform: Callable, tokenizer: Cal
     if rank is None or world_size is None:
         rank, world_size = pytorch_worker_info()[:2]
     positions = _positions(cfg.batch_size, batches_done, resume)
-
-    def build():
-        worker, _ = logical_worker(first_worker)
-        stream_errors = ShardErrorCounter()
-        sample_errors = ErrorCounter(initial=positions[worker].sample_errors if worker in positions else None,
-                                     shard_errors=False)
-        return wds.DataPipeline(
-            epoch_shards(urls, epoch, seed, shuffle=True),
-            split_shards(rank, world_size, first_worker, stream_errors.opening),
-            pipeline.read_tar(stream_errors, TRAIN_DECODE),
-            check_shard_lengths(shard_counts, stream_errors),
-            seeded_shuffle(cfg.shuffle_buffer, seed, epoch, rank, first_worker),
-            skip_consumed(positions, first_worker),
-            pipeline.decode(TRAIN_DECODE, sample_errors),
-            pipeline.transform(to_sample(transform, seed, epoch, cfg.text_sampling, cfg.sentence_keep_prob),
-                               sample_errors),
-            pipeline.batch(cfg.batch_size, partial=False),
-            pipeline.tokenize(collate(tokenizer, sample_errors, positions, first_worker, stream_errors),
-                              sample_errors),
-        )
-
-    # The loader's own base seed comes from this generator, not from the global RNG, so
-    # creating a loader does not change the training process's random state.
-    generator = torch.Generator().manual_seed(_stable_seed(seed, "loader", epoch, rank))
-    return _data_loader(_Pipeline(build), workers, cfg.prefetch_factor, pin_memory, generator,
+    build = _TrainPipeline(urls, transform, tokenizer, cfg, seed, rank, world_size, shard_counts)
+    return _data_loader(_Pipeline(functools.partial(build, epoch, positions, first_worker)), workers,
+                        cfg.prefetch_factor, pin_memory, _loader_generator(seed, epoch, rank),
                         worker_niceness=cfg.worker_niceness)
+
+
+@dataclass
+class _EpochSwitch:
+    """Builds the pipeline of the epoch the main process last set (``epoch``, a shared integer, read by
+    persistent workers when each epoch's iteration starts); the resume position applies to the first epoch."""
+
+    build: _TrainPipeline
+    epoch: Any  # multiprocessing.Value("i")
+    first_epoch: int
+    positions: dict[int, WorkerPosition]
+    first_worker: int
+
+    def __call__(self) -> wds.DataPipeline:
+        epoch = self.epoch.value
+        if epoch == self.first_epoch:
+            return self.build(epoch, self.positions, self.first_worker)
+        return self.build(epoch, {}, 0)
+
+
+class TrainStream:
+    """This rank's training batches, epoch after epoch, from one DataLoader whose worker processes persist.
+
+    Every epoch is built afresh in the workers from (seed, epoch, rank, worker), so it replays exactly as
+    a loader made for that epoch alone would (``persistent=False`` makes one per epoch instead). The run
+    starts at ``first_epoch``, continuing it from ``resume`` / ``first_worker`` as ``create_train_loader``
+    does. Call :meth:`close` to stop the workers.
+    """
+
+    def __init__(self, urls: Sequence[str], transform: Callable, tokenizer: Callable, cfg: LoaderConfig, seed: int,
+                 workers: int, *, first_epoch: int, resume: Optional[dict[int, WorkerPosition]] = None,
+                 first_worker: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 shard_counts: Optional[dict[str, int]] = None, persistent: Optional[bool] = None):
+        self.build = _TrainPipeline(urls, transform, tokenizer, cfg, seed, rank, world_size, shard_counts)
+        self.workers, self.pin_memory, self.first_epoch = workers, pin_memory, first_epoch
+        self.positions, self.first_worker = dict(resume or {}), first_worker
+        self.persistent = (cfg.persistent_workers if persistent is None else persistent) and workers > 0
+        self._epoch = multiprocessing.get_context().Value("i", first_epoch)
+        self._loader: Optional[DataLoader] = None
+
+    def epoch(self, epoch: int) -> DataLoader:
+        """The batches of ``epoch`` (epochs are asked for in order)."""
+        resumed = epoch == self.first_epoch
+        positions, first_worker = (self.positions, self.first_worker) if resumed else ({}, 0)
+        cfg, seed, rank = self.build.cfg, self.build.seed, self.build.rank
+        if not self.persistent:
+            return _data_loader(_Pipeline(functools.partial(self.build, epoch, positions, first_worker)),
+                                self.workers, cfg.prefetch_factor, self.pin_memory,
+                                _loader_generator(seed, epoch, rank), worker_niceness=cfg.worker_niceness)
+        self._epoch.value = epoch
+        if self._loader is None:
+            switch = _EpochSwitch(self.build, self._epoch, self.first_epoch, self.positions, self.first_worker)
+            self._loader = _data_loader(_Pipeline(switch), self.workers, cfg.prefetch_factor, self.pin_memory,
+                                        _loader_generator(seed, self.first_epoch, rank),
+                                        worker_niceness=cfg.worker_niceness, persistent=True)
+        return self._loader
+
+    @property
+    def starts_workers(self) -> bool:
+        """Whether the next :meth:`epoch` forks new worker processes."""
+        return self.workers > 0 and (not self.persistent or self._loader is None)
+
+    def close(self) -> None:
+        self._loader = None  # the last reference: its iterator shuts the workers down
+
+
+def train_workers(requested: Optional[int], device: torch.device) -> int:
+    """Loader workers per training process: ``requested``, or automatically 2 on the CPU and, on a GPU,
+    this process's share of the node's cores (``LOCAL_WORLD_SIZE`` processes) less one for itself."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return CPU_TRAIN_WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local_processes - 1)
+
+
+def batch_bytes(batch_size: int, image_size: int | Sequence[int], uint8_images: bool,
+                context_length: int = 77) -> int:
+    """About the bytes of one training batch in shared memory: the images and the token ids."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[:2]
+    return batch_size * (3 * height * width * (1 if uint8_images else 4) + context_length * 8)
+
+
+def check_shared_memory(workers: int, prefetch_factor: int, per_batch: int, folder: str = "/dev/shm") -> None:
+    """Refuse to start loader workers whose batches in flight do not fit in ``folder`` (where worker processes
+    hand tensors over): a container's default 64 MB would otherwise end the run with a bus error."""
+    if workers <= 0:
+        return
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # no /dev/shm (not Linux): tensors are shared another way
+        return
+    needed = workers * prefetch_factor * per_batch
+    if free < needed:
+        raise ValueError(
+            f"{folder} has {free / 2**20:.0f} MiB free, but {workers} loader workers x prefetch "
+            f"{prefetch_factor} x {per_batch / 2**20:.1f} MiB batches need about {needed / 2**20:.0f} MiB: give "
+            f"the container more shared memory (docker run --shm-size={_suggest_gib(needed)}g), or lower "
+            "data.loader.workers, data.loader.prefetch_factor or data.loader.batch_size")
+
+
+def _suggest_gib(needed: int) -> int:
+    return max(1, -(-2 * needed // 2**30))  # twice the need, in whole GiB
 
 
 def create_eval_loader(urls: Sequence[str], transform: Callable, tokenizer: Callable, batch_size: int,
@@ -424,13 +559,14 @@ class _LowerPriority:
 
 
 def _data_loader(dataset: IterableDataset, workers: int, prefetch_factor: int, pin_memory: bool = False,
-                 generator: Optional[torch.Generator] = None, worker_niceness: int = 0) -> DataLoader:
+                 generator: Optional[torch.Generator] = None, worker_niceness: int = 0,
+                 persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         prefetch_factor=prefetch_factor if workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
         # Batches are already collated in the workers; the default would walk every batch recursively.
         collate_fn=_identity,
         pin_memory=pin_memory,

@@ -40,6 +40,8 @@ class EvalData:
     split: str
     train_split: str | None  # None when the data has no training split (no linear probe then)
     source: str
+    # The source's own class tasks (a benchmark set's, SourceConfig.class_tasks), evaluated beside eval.tasks.
+    tasks: list[str] = dataclasses.field(default_factory=list)
 
 
 def eval_shard_config(shards: ShardConfig, pixel_options: dict[str, Any] | None) -> ShardConfig:
@@ -92,7 +94,8 @@ def prepare_source(data: SourceConfig, shards: ShardConfig) -> EvalData:
     out_dir = eval_shard_dir(source, shards)
     log.info("sharding %s (%s) into %s", source.name, ", ".join(records), out_dir)
     manifests = write_shards(records, out_dir, shards, source.name)
-    return _resolve(ShardSet(out_dir, manifests), split, train_split, source.name)
+    return dataclasses.replace(_resolve(ShardSet(out_dir, manifests), split, train_split, source.name),
+                               tasks=source.class_tasks())
 
 
 def _resolve(shard_set: ShardSet, split: str | None, train_split: str | None, source: str) -> EvalData:

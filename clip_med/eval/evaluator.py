@@ -43,6 +43,10 @@ class EvalConfig:
     # write); True adds the taxonomy's synonyms, which helps models that have seen them. None:
     # the checkpoint's own setting when evaluating a checkpoint, else True.
     prompt_synonyms: Optional[bool] = None
+    # The default prompts' phrasing (without prompt_templates): plain (the taxonomy's short templates)
+    # or medical ("a CT scan of the brain."). None: medical for a model started from weights trained
+    # elsewhere (a pretrained tag, an hf-hub: model), plain for one trained from scratch.
+    prompt_style: Optional[str] = None
 
 
 @dataclass
@@ -80,7 +84,7 @@ def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: tor
         context = {other: task_labels(train.labels[other] if train else held_out.labels[other])
                    for other in cfg.tasks if other != task}
         prompts = label_prompts(task, classes, cfg.prompt_templates.get(task), context=context,
-                                synonyms=cfg.prompt_synonyms is not False)
+                                synonyms=cfg.prompt_synonyms is not False, style=cfg.prompt_style)
         weights = zero_shot_weights(model, tokenizer, prompts, device)
         probs = zero_shot_probabilities(held_out.image[keep], weights)
         report["zero_shot"][task] = {**classification_metrics(y_true, probs, classes),

@@ -23,6 +23,7 @@ from scipy.special import softmax
 from clip_med.core.errors import UnknownName
 from clip_med.core.templates import MAX_TEMPLATE_CHARS, fill_template, template_fields
 from clip_med.labels import taxonomy
+from clip_med.labels.benchmarks import find_task
 
 # The temperature CLIP applies to cosine similarities before the softmax.
 ZERO_SHOT_LOGIT_SCALE = 100.0
@@ -34,6 +35,20 @@ MAX_TEMPLATE_LENGTH = MAX_TEMPLATE_CHARS  # characters of one template (clip_med
 MAX_PROMPT_CHARS = 2_000  # characters of one prompt text (a filled template, or one given explicitly)
 MAX_PROMPTS = 100_000  # prompt texts encoded for one classifier, all classes together
 CLASSES_PER_BATCH = 10  # classes encoded together (open_clip's default)
+
+
+# How the default prompts are phrased: "plain", the taxonomy's short templates with its label names
+# (what clip_med's own training captions say); "medical", the phrasing of medical captions ("a CT
+# scan of the brain.", "an axial MRI of the abdomen."), for models pretrained elsewhere.
+PROMPT_STYLES = ("plain", "medical")
+
+
+def prompt_style_for(style: str | None, pretrained: bool) -> str:
+    """The prompt style: the one configured, else "medical" for a model that started from weights trained
+    elsewhere (a pretrained tag, a hub model) and "plain" for one clip_med trained from scratch."""
+    if style is not None and style not in PROMPT_STYLES:
+        raise UnknownName(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
+    return style or ("medical" if pretrained else "plain")
 
 
 class PromptLimit(ValueError):
@@ -83,7 +98,8 @@ def check_prompts(prompts: Mapping[str, Sequence[str]], max_prompts: int = MAX_P
 
 def label_prompts(task: str, labels: list[str], templates: list[str] | None = None,
                   prompts: dict[str, list[str]] | None = None, context: dict[str, list[str]] | None = None,
-                  synonyms: bool = True, max_prompts: int = MAX_PROMPTS) -> dict[str, list[str]]:
+                  synonyms: bool = True, max_prompts: int = MAX_PROMPTS,
+                  style: str | None = None) -> dict[str, list[str]]:
     """The prompt ensemble per label: explicit ``prompts`` win, else label names x templates.
 
     A template holds ``{}`` for the class name and may name another task, as in
@@ -91,7 +107,9 @@ def label_prompts(task: str, labels: list[str], templates: list[str] | None = No
     task in ``context`` (task -> label ids, e.g. the labels seen in training; default: the whole
     taxonomy), and the ensemble averages over them. ``synonyms=False`` uses only each label's
     display name, the word clip_med's training templates write: a model trained from scratch has
-    never seen the other names. Labels outside the taxonomy are used as their own name.
+    never seen the other names. Labels of a task outside the taxonomy and the benchmark sets are
+    used as their own name. ``style="medical"`` (without ``templates``) uses the task's medical
+    templates, filled with the labels' phrases ("a CT scan of the brain."); ``None`` is "plain".
 
     Templates are filled by :func:`clip_med.core.templates.fill_template` (no format specs, no
     conversions, no attribute or index lookups). Labels and templates over the module's limits, and
@@ -106,13 +124,18 @@ def label_prompts(task: str, labels: list[str], templates: list[str] | None = No
         result = {label: list(prompts[label]) for label in labels}
         check_prompts(result, max_prompts)
         return result
-    task_def = taxonomy.TASKS.get(task)
+    task_def = find_task(task)  # the taxonomy's, or a benchmark set's (clip_med.labels.benchmarks)
+    medical = prompt_style_for(style, False) == "medical" and not templates and task_def is not None \
+        and bool(task_def.medical_templates)
+    if medical:
+        assert task_def is not None  # medical needs the task's own templates
+        templates = list(task_def.medical_templates)
     templates = list(templates or (task_def.prompt_templates if task_def else ("a medical image of {}.",)))
     check_templates(templates)
     context = context or {}
-    options = [_context_options(template, context, synonyms) for template in templates]
+    options = [_context_options(template, context, synonyms, medical) for template in templates]
     per_name = sum(math.prod(len(choices) for choices in fields) for fields in options)
-    names = {label: _names(task, label, synonyms) for label in labels}
+    names = {label: _names(task, label, synonyms, medical) for label in labels}
     count = per_name * sum(len(values) for values in names.values())
     if count > max_prompts:
         raise PromptLimit(f"{len(labels)} labels x {len(templates)} templates make {count} prompts (with the class "
@@ -125,15 +148,17 @@ def label_prompts(task: str, labels: list[str], templates: list[str] | None = No
     return result
 
 
-def _names(task: str, label: str, synonyms: bool) -> tuple[str, ...]:
-    task_def = taxonomy.TASKS.get(task)
+def _names(task: str, label: str, synonyms: bool, phrases: bool = False) -> tuple[str, ...]:
+    task_def = find_task(task)  # the taxonomy's, or a benchmark set's (clip_med.labels.benchmarks)
     if task_def is None or label not in task_def.ids:
         return (label.replace("_", " "),)
-    names = task_def.label(label).names
+    found = task_def.label(label)
+    names = found.phrases if phrases and found.phrases else found.names
     return names if synonyms else names[:1]
 
 
-def _context_options(template: str, context: dict[str, list[str]], synonyms: bool) -> list[list[tuple[str, str]]]:
+def _context_options(template: str, context: dict[str, list[str]], synonyms: bool,
+                     phrases: bool = False) -> list[list[tuple[str, str]]]:
     """Per distinct named field of ``template`` (another task), its (field, label name) choices."""
     fields = list(dict.fromkeys(field for field in template_fields(template) if field))
     for field in fields:
@@ -141,7 +166,7 @@ def _context_options(template: str, context: dict[str, list[str]], synonyms: boo
             raise UnknownName(f"prompt template {template[:80]!r} names {{{field}}}; only {{}} and task names "
                               f"({', '.join('{' + t + '}' for t in taxonomy.TASKS)}) can be used")
     return [[(field, other) for label in (context.get(field) or taxonomy.TASKS[field].ids) if label != "unknown"
-             for other in _names(field, label, synonyms)] for field in fields]
+             for other in _names(field, label, synonyms, phrases)] for field in fields]
 
 
 def _fill(template: str, name: str, options: list[list[tuple[str, str]]]) -> list[str]:

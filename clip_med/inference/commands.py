@@ -16,10 +16,11 @@ import numpy as np
 
 from clip_med.core import distributed
 from clip_med.core.bounds import bounded
-from clip_med.inference.evaluation import REQUIRED, ModelOptions
+from clip_med.inference.evaluation import REQUIRED, ModelOptions, load_model
 from clip_med.inference.extract import ExtractConfig, extract, resolve_shards
 from clip_med.inference.index import TEXT_EMBEDDINGS, IndexConfig, SearchIndex, paired_recall, write_index
 from clip_med.inference.results import Classification, SearchHit
+from clip_med.modeling.hub import first_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class ClassifyConfig(ModelOptions):
     batch_size: int = bounded(32, minimum=1)
     top: int = bounded(3, minimum=1)
     format: str = "table"  # table | json
+    # One pooled prediction per series (clip_med.inference.series): true, all the inputs are one series or
+    # case; None, each DICOM series of a folder of DICOM files (by SeriesInstanceUID); false, never.
+    series: Optional[bool] = None
 
 
 def expand_images(images: str | list[str]) -> list[str]:
@@ -73,14 +77,13 @@ def expand_images(images: str | list[str]) -> list[str]:
 
 def run_classify(cfg: ClassifyConfig) -> Classification:
     from clip_med.eval.zero_shot import check_labels, check_templates
-    from clip_med.inference.model import load
 
     # Bad labels or prompt templates (format specs, over the limits) are refused before the model loads.
     if cfg.labels:
         check_labels(list(cfg.labels))
     if cfg.prompts:
         check_templates([cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts))
-    model = load(cfg.checkpoint, cfg.model_name, cfg.device)
+    model = load_model(cfg)
     return model.classify(expand_images(cfg.images), task=cfg.task, labels=cfg.labels, prompts=cfg.prompts,
                           head=cfg.head, batch_size=cfg.batch_size, on_error="skip")
 
@@ -115,12 +118,11 @@ class EmbedConfig(ExtractConfig, ModelOptions):
 
 
 def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
-    from clip_med.inference.model import load
-
     resolve_shards(cfg.shards)  # a missing shard fails now, not after loading the model
     info = distributed.init_distributed(cfg.device, cfg.dist_backend)
     try:
-        model = load(cfg.checkpoint, cfg.model_name, device=str(info.device))
+        # Rank 0 downloads a pretrained model's files into the cache; the other ranks then read the cache.
+        model = first_on_rank_zero(info, lambda: load_model(cfg, device=str(info.device)))
         return extract(model, cfg.shards, cfg.out, cfg, info)
     finally:
         distributed.cleanup(info)
@@ -133,9 +135,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
 @dataclass
 class SearchConfig(ModelOptions):
     index: str = REQUIRED  # an embedding folder written by python -m clip_med.embed
-    # Default: the checkpoint the embeddings were made with. Optional here, unlike ModelOptions' required
-    # str, hence the ignore (a dataclass field cannot be narrowed soundly in a subclass).
-    checkpoint: Optional[str] = None  # type: ignore[assignment]
+    # Default (no checkpoint, no model): the checkpoint or model the embeddings were made with.
     text: Optional[str] = None
     image: Optional[str] = None
     k: int = bounded(10, minimum=1)
@@ -170,13 +170,10 @@ def run_search(cfg: SearchConfig) -> SearchOutput:
         if not (cfg.build or cfg.recall):
             raise ValueError('give a query: text="..." or image=<path> (or build=<kind> / recall=true)')
         return output
-    from clip_med.inference.model import load
-
-    checkpoint = cfg.checkpoint or index.info.get("checkpoint")
-    if checkpoint is None:
+    if cfg.checkpoint is None and cfg.model_name is None and index.info.get("checkpoint") is None:
         raise ValueError(f"{cfg.index} does not name the checkpoint its embeddings came from: "
-                         "give checkpoint=<path>")
-    model = load(checkpoint, cfg.model_name, cfg.device)
+                         "give checkpoint=<path> (or model=<the pretrained model>)")
+    model = load_model(cfg, checkpoint=index.info.get("checkpoint"))
     output.hits = model.search(index, text=cfg.text, image=cfg.image, k=cfg.k)
     output.query = f"text {cfg.text!r}" if cfg.text is not None else f"image {cfg.image}"
     return output

@@ -32,11 +32,33 @@ REQUIRED = "???"
 
 @dataclass
 class ModelOptions:
-    """How a command finds its model (shared by evaluate, probe, embed, search, serve, classify)."""
+    """How a command finds its model (shared by evaluate, probe, embed, search, serve, classify, med_mat).
 
-    checkpoint: str = REQUIRED  # a clip_med checkpoint, or a plain open_clip state dict with model_name
-    model_name: Optional[str] = None  # the open_clip architecture of a plain state dict
+    ``checkpoint=<file>``: a clip_med checkpoint, or a plain open_clip state dict with ``model=<its
+    architecture>``. Without a checkpoint, the pretrained model itself: ``model=hf-hub:<org>/<repo>``
+    (``model=biomedclip``: ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``),
+    ``model=local-dir:<folder>``, or ``model=<architecture> pretrained=<tag>`` (``ViT-B-16`` with
+    ``laion2b_s34b_b88k``); its files come through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE;
+    HF_HUB_OFFLINE=1 reads only the cache). On the command line ``model=`` sets ``model_name``
+    (:func:`clip_med.cli.common.normalise_overrides`: ``model`` is a config group's name).
+    """
+
+    checkpoint: Optional[str] = None  # a clip_med checkpoint, or a plain open_clip state dict (with model=)
+    model_name: Optional[str] = None  # model=: hf-hub:<org>/<repo>, local-dir:<folder> or an open_clip architecture
+    pretrained: Optional[str] = None  # with an architecture: open_clip's pretrained tag, or a weights file
     device: str = "auto"  # auto | cpu | cuda
+
+
+def load_model(options: ModelOptions | Any, device: str | None = None, checkpoint: str | None = None):
+    """The model ``options`` name (:func:`clip_med.load`): the one loader every command uses.
+
+    ``device`` replaces ``options.device`` (embed under torchrun); ``checkpoint`` is the fallback
+    when ``options`` names neither a checkpoint nor a model (search: the index's own)."""
+    from clip_med.inference.model import load
+
+    named = options.checkpoint is not None or options.model_name is not None
+    return load(options.checkpoint if named else checkpoint, options.model_name, device or options.device,
+                pretrained=options.pretrained)
 
 
 @dataclass
@@ -74,6 +96,8 @@ def evaluate_model(model, data: EvalData, cfg: EvalConfig, out_dir: str | Path, 
     cfg = dataclasses.replace(
         cfg, prompt_templates=cfg.prompt_templates or dict(model.prompt_templates),
         prompt_synonyms=model.prompt_synonyms if cfg.prompt_synonyms is None else cfg.prompt_synonyms,
+        prompt_style=cfg.prompt_style or model.prompt_style,
+        tasks=[*cfg.tasks, *(task for task in data.tasks if task not in cfg.tasks)],  # + a benchmark set's classes
     )
     held_out = embed_data_split(model, data, data.split, cfg, progress)
     train = embed_data_split(model, data, data.train_split, cfg, progress) if data.train_split else None
@@ -99,11 +123,9 @@ def load_model_and_data(cfg: EvaluateConfig | Any) -> tuple[Any, EvalData]:
     """The checkpoint's model and the data it is scored on, sharded with the checkpoint's pixel options.
 
     ``cfg`` is an :class:`EvaluateConfig` or anything with the same fields (the probe command's config)."""
-    from clip_med.inference.model import load
-
     if cfg.data is None:
         raise ValueError("choose the data: data=<source> (e.g. data=medpix data.root=...) or data=shards data.dir=...")
-    model = load(cfg.checkpoint, cfg.model_name, cfg.device)
+    model = load_model(cfg)
     pixels = model.preprocessing.shard_options() if cfg.pixels_from_checkpoint else None
     return model, open_data(cfg.data, eval_shard_config(cfg.shards, pixels))
 

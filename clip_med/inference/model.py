@@ -2,7 +2,7 @@
 
 Preprocessing is the evaluation path of training, step for step: the shard writer's decoding,
 normalisation and ``max_side`` shrink (:mod:`clip_med.inference.inputs`), then the model's eval
-transform (:func:`clip_med.data.transforms.create_transform` with ``train=False``). Zero-shot
+transform (the model's own ``preprocess_cfg``: :meth:`~clip_med.modeling.factory.ModelBundle.transform`). Zero-shot
 classification uses the prompt construction, the class set and the temperature of
 :mod:`clip_med.eval.zero_shot`, so ``classify`` reproduces the evaluation's zero-shot numbers.
 """
@@ -26,7 +26,6 @@ from clip_med.core.distributed import pick_device
 from clip_med.core.precision import autocast_context, resolve_precision
 from clip_med.data.images import ImageRejected
 from clip_med.data.manifest import load_manifest
-from clip_med.data.transforms import create_transform
 from clip_med.data.writer import ShardConfig
 from clip_med.eval.probe_head import ProbeHead
 from clip_med.eval.zero_shot import (
@@ -34,6 +33,7 @@ from clip_med.eval.zero_shot import (
     check_labels,
     check_templates,
     label_prompts,
+    prompt_style_for,
     zero_shot_probabilities,
     zero_shot_weights,
 )
@@ -43,7 +43,7 @@ from clip_med.labels import taxonomy
 from clip_med.modeling.checkpoint import (
     CheckpointInfo,
     Preprocessing,
-    load_bundle,
+    open_model,
     shard_preprocessing,
     weights_fingerprint,
 )
@@ -110,16 +110,17 @@ class ClipMedModel:
     def __init__(self, bundle: ModelBundle, info: CheckpointInfo, device: torch.device, precision: str = "auto",
                  preprocessing: Preprocessing | None = None, labels: dict[str, list[str]] | None = None,
                  labels_origin: str = "", prompt_templates: dict[str, list[str]] | None = None,
-                 prompt_synonyms: bool = True):
+                 prompt_synonyms: bool = True, prompt_style: str = "plain"):
         self.bundle, self.model, self.tokenizer, self.info = bundle, bundle.model, bundle.tokenizer, info
         self.device = device
         self.precision = resolve_precision(precision, device)
         self.preprocessing = preprocessing or shard_preprocessing(info)
-        self.transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=False)
+        self.transform = bundle.transform(train=False)  # the model's own preprocess_cfg
         self.labels = {task: list(values) for task, values in (labels or {}).items()}
         self.labels_origin = labels_origin
         self.prompt_templates = dict(prompt_templates or {})
         self.prompt_synonyms = prompt_synonyms
+        self.prompt_style = prompt_style  # the default prompts' phrasing (clip_med.eval.zero_shot.PROMPT_STYLES)
         self._lock = threading.Lock()  # held only while the model computes (bounded work)
         self._cache_lock = threading.Lock()  # held only to read or update the classifier cache
         self._classifiers: OrderedDict[Any, tuple[list[str], np.ndarray]] = OrderedDict()
@@ -244,6 +245,7 @@ class ClipMedModel:
             context = {other: self.task_labels(other) for other in taxonomy.TASKS if other != task}
             ensemble = label_prompts(task, labels, templates, {k: list(v) for k, v in explicit.items()}
                                      if explicit else None, context=context, synonyms=self.prompt_synonyms,
+                                     style=self.prompt_style,
                                      max_prompts=max_prompts)
             weights = zero_shot_weights(self.model, self.tokenizer, ensemble, self.device, lock=self._lock,
                                         max_prompts=max_prompts)
@@ -299,6 +301,45 @@ class ClipMedModel:
         return Classification(task, class_labels, probs, method, inputs=[describe(items[i]) for i in kept],
                               indices=kept, skipped=skipped)
 
+    # -- series and cases ------------------------------------------------------------------------
+
+    def classify_series_embeddings(self, embeddings: np.ndarray, task: str | None = None,
+                                   labels: Optional[Sequence[str]] = None, prompts: Prompts = None,
+                                   head: Head = None) -> tuple[str, list[str], np.ndarray, np.ndarray, str]:
+        """(task, labels, (C,) pooled probabilities, (N, C) per-image probabilities, method) for the
+        embeddings of one series or case; the pooling is :func:`clip_med.inference.series.pool`."""
+        from clip_med.inference.series import pool
+
+        if not len(embeddings):
+            raise ValueError("a series needs at least one readable image")
+        task, class_labels, per_image, method = self.classify_embeddings(embeddings, task, labels, prompts, head)
+        _, _, pooled, _ = self.classify_embeddings(pool(embeddings), task, labels, prompts, head)
+        return task, class_labels, pooled[0], per_image, method
+
+    def classify_series(self, images: Sequence[ImageInput], task: str | None = None,
+                        labels: Optional[Sequence[str]] = None, prompts: Prompts = None, head: Head = None,
+                        batch_size: int = 32, workers: int = 0, on_error: str = "raise", name: str = "series"):
+        """One prediction for the images of one series or case (a DICOM series' slices, a case's images),
+        from their pooled embedding (mean, re-normalised, as ``evaluate``'s case level), with the
+        per-image predictions beside it: a :class:`~clip_med.inference.series.SeriesClassification`.
+        Arguments as :meth:`classify`; ``on_error="skip"`` pools the readable images and lists the others."""
+        from clip_med.inference.series import SeriesClassification
+
+        items = as_batch(images)
+        if head is not None:
+            head = self.load_head(head)
+        else:
+            self.zero_shot_classifier(task or "modality", labels, prompts)  # fail on bad labels before decoding
+        embeddings, kept, skipped = self._embed(items, batch_size, workers, on_error)
+        if not kept:
+            first = f": {skipped[0].input}: {skipped[0].reason} ({skipped[0].detail})" if skipped else ""
+            raise ValueError(f"no image of {name} could be read{first}")
+        task, class_labels, pooled, per_image, method = self.classify_series_embeddings(embeddings, task, labels,
+                                                                                        prompts, head)
+        images_result = Classification(task, class_labels, per_image, method, inputs=[describe(items[i]) for i in kept],
+                                       indices=kept, skipped=skipped)
+        return SeriesClassification(name, task, class_labels, pooled, method, images_result)
+
     # -- search ----------------------------------------------------------------------------------
 
     def search(self, index, text: str | None = None, image: ImageInput | None = None, k: int = 10) -> list[SearchHit]:
@@ -314,24 +355,29 @@ class ClipMedModel:
         return index.search(query, k)[0]
 
 
-def load(checkpoint: str | Path, model_name: str | None = None, device: str = "auto", precision: str = "auto",
-         image_size: int | None = None, context_length: int | None = None,
-         labels: dict[str, list[str]] | None = None) -> ClipMedModel:
-    """Load a checkpoint for inference.
+def load(checkpoint: str | Path | None = None, model_name: str | None = None, device: str = "auto",
+         precision: str = "auto", image_size: int | None = None, context_length: int | None = None,
+         labels: dict[str, list[str]] | None = None, pretrained: str | None = None) -> ClipMedModel:
+    """Load a checkpoint, or a pretrained model by name, for inference.
 
-    ``checkpoint``: a clip_med training checkpoint (``runs/.../checkpoints/step-*.pt``) or a plain
-    open_clip state dict (then name the architecture with ``model_name``). ``device``: ``auto``
-    (CUDA when present), ``cpu`` or ``cuda``. ``labels``: per task, the default classes (else
-    those the checkpoint was trained with).
+    ``checkpoint``: a clip_med training checkpoint (``runs/.../checkpoints/step-*.pt``), a plain
+    open_clip state dict (then name the architecture with ``model_name``), or a pretrained model
+    itself: ``load("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")``,
+    ``load("local-dir:<folder>")``, ``load("ViT-B-16", pretrained="laion2b_s34b_b88k")`` (files
+    come through huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` reads only the cache). ``device``:
+    ``auto`` (CUDA when present), ``cpu`` or ``cuda``. ``labels``: per task, the default classes
+    (else those the checkpoint was trained with).
     """
     chosen = pick_device(device, 0)
-    bundle, info = load_bundle(checkpoint, model_name, image_size, context_length, chosen)
+    bundle, info = open_model(checkpoint, model_name, pretrained, image_size, context_length, chosen)
     found, origin = trained_labels(info)
     if labels:
         found, origin = {**found, **labels}, "given to load()"
     eval_cfg = info.config.get("eval") or {}
     model = ClipMedModel(bundle, info, chosen, precision, labels=found, labels_origin=origin,
                          prompt_templates=eval_cfg.get("prompt_templates") or {},
-                         prompt_synonyms=eval_cfg.get("prompt_synonyms") is not False)
+                         prompt_synonyms=eval_cfg.get("prompt_synonyms") is not False,
+                         prompt_style=prompt_style_for(eval_cfg.get("prompt_style"),
+                                                       bundle.pretrained or info.format != "clip_med"))
     log.info("default classes from %s: %s", origin, found or "taxonomy")
     return model

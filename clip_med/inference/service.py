@@ -1,6 +1,8 @@
 """The HTTP service (FastAPI): classify, embed and search with one loaded model.
 
-Endpoints: ``POST /classify``, ``POST /embed``, ``GET|POST /search``, ``GET /health``; for browsing the
+Endpoints: ``POST /classify``, ``POST /classify/series`` (several images of one series or case, or a zip
+of a DICOM series: one prediction from their pooled embeddings, :mod:`clip_med.inference.series`),
+``POST /embed``, ``GET|POST /search``, ``GET /health``; for browsing the
 index ``GET /facets``, ``GET /items/{id}`` (a row), ``/items/{id}/thumbnail`` and ``/items/{id}/image``
 (the picture, read from the shard it was embedded from: :mod:`clip_med.inference.archive`),
 ``/items/{id}/similar`` ("more like this") and ``POST /analyze`` (an upload classified by zero-shot
@@ -25,6 +27,7 @@ any tokenizing, decoding or model call; so the work done under the model's lock 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from importlib import resources
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -46,9 +50,10 @@ from clip_med.eval.zero_shot import PromptLimit
 from clip_med.inference.archive import MEDIA_TYPES, ArchiveError, BytesCache, ShardArchive, encode
 from clip_med.inference.auth import AccessGuard, AuthConfig, check_bind, resolve_token
 from clip_med.inference.browse import FILTERS, BrowseError, Catalog
-from clip_med.inference.evaluation import ModelOptions
+from clip_med.inference.evaluation import ModelOptions, load_model
 from clip_med.inference.index import IndexFolderError, SearchIndex
 from clip_med.inference.inputs import load_image, sniff
+from clip_med.inference.series import POOLING
 from clip_med.labels import taxonomy
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,8 @@ class ServiceLimits:
     max_prompt_texts: int = bounded(2048, minimum=1)
     max_k: int = bounded(100, minimum=1)  # search results
     max_offset: int = bounded(10_000, minimum=0)  # paging: results skipped before the k returned
+    max_series_images: int = bounded(256, minimum=1)  # images of one /classify/series request (files or zip members)
+    max_series_bytes: int = bounded(256 * 1024 * 1024, minimum=1)  # a series zip's members, uncompressed, in all
 
 
 @dataclass
@@ -282,6 +289,7 @@ def create_app(model, index: SearchIndex | None = None, heads: dict[str, ProbeHe
     catalog = Catalog(index) if index is not None else None
     _add_error_handlers(app)
     _add_classification_routes(app, model, index, heads, limits, token)
+    _add_series_routes(app, model, heads, limits)
     _add_embedding_routes(app, model, catalog, limits)
     _add_browse_routes(app, model, catalog, heads, limits, web, index)
     if web.enabled:
@@ -338,6 +346,99 @@ def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, h
         return {"input": file.filename, "format": kind, "task": task_name, "method": method, "labels": names,
                 "prediction": names[int(order[0])], "probabilities": dict(zip(names, map(float, probs[0]))),
                 "top": [{"label": names[i], "probability": float(probs[0][i])} for i in order]}
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _series_uploads(files: list[UploadFile], limits: ServiceLimits) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """(name, bytes) of each image of a series request: the uploaded files, or the members of one zip
+    upload (folders, hidden files and DICOMDIR left out; other files that are not images listed as skipped)."""
+    if len(files) == 1 and files[0].file.read(4) == ZIP_MAGIC:
+        files[0].file.seek(0)
+        return _zip_members(files[0], limits)
+    if files:
+        files[0].file.seek(0)
+    if len(files) > limits.max_series_images:
+        raise HTTPException(413, f"{len(files)} images exceed the limit of {limits.max_series_images} per series "
+                                 "(max_series_images)")
+    return [(upload.filename or f"upload {index}", _read_upload(upload, limits)) for index, upload in
+            enumerate(files)], []
+
+
+def _zip_members(upload: UploadFile, limits: ServiceLimits) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    import zipfile
+
+    data = upload.file.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise HTTPException(413, f"upload {upload.filename!r} exceeds {limits.max_upload_bytes} bytes")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = [info for info in archive.infolist() if not info.is_dir()]
+    except zipfile.BadZipFile as exc:
+        raise HTTPException(422, f"upload {upload.filename!r} is not a readable zip file ({exc})") from None
+    images: list[tuple[str, bytes]] = []
+    skipped: list[dict] = []
+    total = 0
+    for info in members:
+        name = info.filename
+        base = name.rsplit("/", 1)[-1]
+        if not base or base.startswith(".") or name.startswith("__MACOSX/") or base.upper() == "DICOMDIR":
+            continue
+        if len(images) >= limits.max_series_images:
+            raise HTTPException(413, f"the zip holds more than {limits.max_series_images} images (max_series_images)")
+        try:
+            with archive.open(info) as handle:  # read at most what is left of the budget: sizes in a zip can lie
+                content = handle.read(min(limits.max_upload_bytes, limits.max_series_bytes - total) + 1)
+        except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as exc:
+            raise HTTPException(422, f"zip member {name!r} cannot be read ({exc})") from None
+        total += len(content)
+        if len(content) > limits.max_upload_bytes or total > limits.max_series_bytes:
+            raise HTTPException(413, f"the zip's images exceed {limits.max_series_bytes} bytes uncompressed "
+                                     f"(max_series_bytes), or one exceeds {limits.max_upload_bytes} (max_upload_bytes)")
+        if sniff(content[:132]) not in UPLOAD_FORMATS:
+            skipped.append({"input": name, "reason": SkipReason.NOT_AN_IMAGE,
+                            "detail": "not a PNG, JPEG, TIFF, WebP, BMP or DICOM image"})
+            continue
+        images.append((name, content))
+    return images, skipped
+
+
+def _add_series_routes(app: FastAPI, model, heads: dict[str, ProbeHead], limits: ServiceLimits) -> None:
+    @app.post("/classify/series", summary="One prediction for a series or case: several images, or one zip of them")
+    def classify_series(files: list[UploadFile] = File(..., description="the images of one series or case "
+                                                       "(repeat the field), or one zip of them (a DICOM series)"),
+                        task: Optional[str] = Form(None, description="modality | anatomy | your own with labels"),
+                        labels: Optional[list[str]] = Form(None, description="your classes"),
+                        prompts: Optional[list[str]] = Form(None, description="templates with one {} for the label"),
+                        head: Optional[str] = Form(None, description="a loaded probe head"),
+                        top: int = Form(3, ge=1, le=100)) -> dict[str, Any]:
+        labels, prompts = _split_values(labels), prompts or None
+        _check_zero_shot_request(task, labels, prompts, head, limits)
+        chosen = _resolve_head(head, heads)
+        try:
+            if chosen is None:  # refuse bad labels or prompts before decoding anything
+                model.zero_shot_classifier(task or "modality", labels, prompts, max_prompts=limits.max_prompt_texts)
+            images, skipped = _series_uploads(files, limits)
+            if not images:
+                raise HTTPException(422, "the request holds no image (PNG, JPEG, TIFF, WebP, BMP or DICOM)")
+            pixels = [model.transform(_decode(model, data, name, limits)) for name, data in images]
+            embeddings = np.concatenate([model.encode_image_tensors(torch.stack(pixels[start:start + 32]))
+                                         for start in range(0, len(pixels), 32)])
+            task_name, names, pooled, per_image, method = model.classify_series_embeddings(embeddings, task, labels,
+                                                                                           prompts, chosen)
+        except PromptLimit as exc:
+            raise HTTPException(413, str(exc)) from None
+        except (ValueError, KeyError) as exc:
+            raise HTTPException(422, str(exc).strip("'\"")) from None
+        order = np.argsort(-pooled, kind="stable")[:top]
+        return {"task": task_name, "method": method, "labels": names, "pooling": POOLING, "images": len(images),
+                "prediction": names[int(order[0])], "probabilities": dict(zip(names, map(float, pooled))),
+                "top": [{"label": names[i], "probability": float(pooled[i])} for i in order],
+                "per_image": [{"input": name, "format": sniff(data[:132]), "prediction": names[int(row.argmax())],
+                               "probabilities": dict(zip(names, map(float, row)))}
+                              for (name, data), row in zip(images, per_image)],
+                "skipped": skipped}
 
 
 def _add_embedding_routes(app: FastAPI, model, catalog: Catalog | None, limits: ServiceLimits) -> None:
@@ -543,11 +644,9 @@ def _resolve_head(name: str | None, heads: dict[str, ProbeHead]) -> ProbeHead | 
 
 
 def build_service(cfg: ServeConfig) -> FastAPI:
-    from clip_med.inference.model import load
-
     token = resolve_token(cfg.auth)
     check_bind(cfg.host, token)  # before the model is loaded: a refusal is immediate
-    model = load(cfg.checkpoint, cfg.model_name, cfg.device)
+    model = load_model(cfg)
     try:
         heads = {name: ProbeHead.load(path) for name, path in cfg.heads.items()}
         index = SearchIndex.open(cfg.index) if cfg.index else None

@@ -24,6 +24,9 @@ class Label:
     id: str
     names: tuple[str, ...]
     aliases: tuple[str, ...] = field(default=())
+    # Noun phrases with their article, as radiology text writes them ("a CT scan", "an axial MRI"):
+    # the medical prompts for models pretrained elsewhere use them in place of the names.
+    phrases: tuple[str, ...] = field(default=())
 
     @property
     def display(self) -> str:
@@ -35,6 +38,9 @@ class Task:
     name: str
     labels: tuple[Label, ...]
     prompt_templates: tuple[str, ...]
+    # Templates in the phrasing of medical captions for models pretrained elsewhere (BiomedCLIP, ...):
+    # "{}" and "{task}" are filled with the labels' phrases where they have some, else their names.
+    medical_templates: tuple[str, ...] = ()
 
     @property
     def ids(self) -> list[str]:
@@ -51,22 +57,31 @@ MODALITY = Task(
     name="modality",
     labels=(
         Label("ct", ("CT", "computed tomography", "CT scan"),
-              ("ct", "cta", "tac", "computed tomography", "ct scan", "cbct", "hrct")),
+              ("ct", "cta", "tac", "computed tomography", "ct scan", "cbct", "hrct"),
+              ("a CT scan", "an axial CT image", "a computed tomography image")),
         Label("mr", ("MRI", "MR", "magnetic resonance imaging"),
-              ("mr", "mri", "mra", "magnetic resonance", "magnetic resonance imaging", "mrcp")),
+              ("mr", "mri", "mra", "magnetic resonance", "magnetic resonance imaging", "mrcp"),
+              ("an MRI", "an axial MRI", "an MR image", "a magnetic resonance image")),
         Label("xray", ("X-ray", "radiograph", "plain film"),
-              ("cr", "dx", "dr", "xr", "px", "io", "x-ray", "xray", "radiograph", "radiography", "plain film")),
+              ("cr", "dx", "dr", "xr", "px", "io", "x-ray", "xray", "radiograph", "radiography", "plain film"),
+              ("an X-ray", "a radiograph", "a plain film")),
         Label("ultrasound", ("ultrasound", "sonography", "US"),
-              ("us", "ivus", "ultrasound", "sonography", "ultrasonography")),
-        Label("pet", ("PET", "positron emission tomography"), ("pt", "pet", "pet-ct", "pet/ct")),
+              ("us", "ivus", "ultrasound", "sonography", "ultrasonography"),
+              ("an ultrasound image", "a sonogram", "an ultrasound scan")),
+        Label("pet", ("PET", "positron emission tomography"), ("pt", "pet", "pet-ct", "pet/ct"),
+              ("a PET scan", "a PET image", "a positron emission tomography image")),
         Label(
             "nuclear_medicine",
             ("nuclear medicine scintigraphy", "scintigraphy", "SPECT"),
             ("nm", "st", "scintigraphy", "spect", "nuclear medicine"),
+            ("a nuclear medicine scan", "a scintigraphy image", "a SPECT image"),
         ),
-        Label("angiography", ("angiography", "angiogram"), ("xa", "dsa", "angiography", "angiogram")),
-        Label("mammography", ("mammography", "mammogram"), ("mg", "mammography", "mammogram")),
-        Label("fluoroscopy", ("fluoroscopy", "fluoroscopic image"), ("rf", "fluoroscopy")),
+        Label("angiography", ("angiography", "angiogram"), ("xa", "dsa", "angiography", "angiogram"),
+              ("an angiogram", "an angiography image", "a digital subtraction angiogram")),
+        Label("mammography", ("mammography", "mammogram"), ("mg", "mammography", "mammogram"),
+              ("a mammogram", "a mammography image")),
+        Label("fluoroscopy", ("fluoroscopy", "fluoroscopic image"), ("rf", "fluoroscopy"),
+              ("a fluoroscopy image", "a fluoroscopic image")),
     ),
     # "{anatomy}" is filled with each body region (see clip_med.eval.zero_shot.label_prompts).
     prompt_templates=(
@@ -74,6 +89,11 @@ MODALITY = Task(
         "{} image.",
         "a {} scan.",
         "a medical {} image.",
+    ),
+    medical_templates=(
+        "{} of the {anatomy}.",  # "a CT scan of the brain.", "an axial MRI of the abdomen."
+        "{} showing the {anatomy}.",
+        "{}.",
     ),
 )
 
@@ -105,6 +125,11 @@ ANATOMY = Task(
         "{modality} image of the {}.",
         "an image of the {}.",
         "a scan of the {}.",
+        "a radiology image of the {}.",
+    ),
+    medical_templates=(
+        "{modality} of the {}.",  # "a CT scan of the brain.", "an X-ray of the chest."
+        "a medical image of the {}.",
         "a radiology image of the {}.",
     ),
 )

@@ -23,6 +23,8 @@ import torch
 
 from clip_med.data.images import ImageLimits
 from clip_med.modeling.factory import ModelBundle, ModelConfig, create_model, model_config
+from clip_med.modeling.hub import has_schema
+from clip_med.modeling.lora import load_trained_state, lora_rebuild_fields, merge_lora
 from clip_med.modeling.losses import LossConfig, model_kwargs_for
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class Preprocessing:
 @dataclass
 class CheckpointInfo:
     path: Path
-    format: str  # "clip_med" | "open_clip"
+    format: str  # "clip_med" | "open_clip" | "pretrained" (a model by name: hf-hub:, local-dir:, tag)
     model_name: str
     step: int | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the training config ({} for open_clip files)
@@ -143,7 +145,10 @@ def _model_config_from(payload: dict[str, Any], model_name: str | None) -> Model
     name = payload["model_name"]
     if model_name and model_name != name:
         raise CheckpointError(f"model_name={model_name!r} was given but the checkpoint holds a {name!r} model")
-    return ModelConfig(name=name, image_size=trained.get("image_size"), context_length=trained.get("context_length"))
+    # model.pretrained: a tag's preprocessing (and QuickGELU) belong to the architecture; its weights follow.
+    fields = {"pretrained": trained.get("pretrained"), **lora_rebuild_fields(payload)}
+    return ModelConfig(name=name, image_size=trained.get("image_size"), context_length=trained.get("context_length"),
+                       **fields)
 
 
 def _check_model_cfg(expected: dict[str, Any], stored: dict[str, Any] | None, path: Path) -> None:
@@ -179,28 +184,88 @@ def _weights_follow():
         root.removeFilter(quiet)
 
 
+def is_model_name(value: str | Path) -> bool:
+    """Whether ``value`` names a model rather than a checkpoint file: ``hf-hub:``/``local-dir:``, or an open_clip
+    architecture that is not also a file here."""
+    text = str(value)
+    return has_schema(text) or (text in open_clip.list_models() and not Path(text).expanduser().exists())
+
+
+def open_model(checkpoint: str | Path | None = None, model_name: str | None = None, pretrained: str | None = None,
+               image_size: int | None = None, context_length: int | None = None,
+               device: torch.device | str = "cpu") -> tuple[ModelBundle, CheckpointInfo]:
+    """The model a command or ``clip_med.load`` names, in eval mode: the one way to get one.
+
+    * ``checkpoint``: a clip_med checkpoint, or a plain open_clip state dict whose architecture
+      ``model_name`` names (``pretrained``, a tag, then gives its preprocessing);
+    * no checkpoint: the pretrained model ``model_name`` itself: ``hf-hub:<org>/<repo>``,
+      ``local-dir:<folder>``, or an architecture with ``pretrained`` (a tag or a weights file).
+      ``checkpoint`` may hold such a name too (``clip_med.load("hf-hub:...")``).
+    """
+    if checkpoint is not None and is_model_name(checkpoint):
+        if model_name and model_name != str(checkpoint):
+            raise ValueError(f"{checkpoint} names a model, and model_name={model_name!r} another: give one")
+        checkpoint, model_name = None, str(checkpoint)
+    if checkpoint is None:
+        if not model_name:
+            raise ValueError("give a checkpoint (checkpoint=<runs/.../checkpoints/step-*.pt>) or a pretrained "
+                             "model (model=hf-hub:<org>/<repo>, model=local-dir:<folder>, or model=<architecture> "
+                             "pretrained=<tag>)")
+        return pretrained_bundle(model_name, pretrained, image_size, context_length, device)
+    return load_bundle(checkpoint, model_name, image_size, context_length, device, pretrained)
+
+
+def pretrained_bundle(name: str, pretrained: str | None = None, image_size: int | None = None,
+                      context_length: int | None = None,
+                      device: torch.device | str = "cpu") -> tuple[ModelBundle, CheckpointInfo]:
+    """A model by name with its pretrained weights (no clip_med checkpoint), in eval mode."""
+    cfg = ModelConfig(name=name, pretrained=pretrained, image_size=image_size, context_length=context_length)
+    bundle = create_model(cfg, device)
+    if bundle.weights is None:
+        if has_schema(name):
+            hint = "its folder holds no open_clip weights file"
+        else:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            hint = f"add pretrained=<tag> (open_clip's tags for it: {tags}) or pretrained=<weights file>"
+        raise CheckpointError(f"model {name} has no weights to use: {hint}; or give checkpoint=<a trained checkpoint>")
+    bundle.model.eval()
+    info = CheckpointInfo(Path(name), "pretrained", name, None,
+                          {"model": {"name": name, "pretrained": pretrained, "image_size": image_size,
+                                     "context_length": context_length}})
+    log.info("loaded pretrained model %s%s (weights %s)", name, f" ({pretrained})" if pretrained else "",
+             bundle.weights)
+    return bundle, info
+
+
 def load_bundle(checkpoint: str | Path, model_name: str | None = None, image_size: int | None = None,
-                context_length: int | None = None, device: torch.device | str = "cpu") -> tuple[ModelBundle,
-                                                                                                 CheckpointInfo]:
+                context_length: int | None = None, device: torch.device | str = "cpu",
+                pretrained: str | None = None) -> tuple[ModelBundle, CheckpointInfo]:
     """Recreate the model of ``checkpoint`` with its weights, in eval mode."""
     path = Path(checkpoint).expanduser()
-    return bundle_from_payload(read_weights_file(path), path, model_name, image_size, context_length, device)
+    return bundle_from_payload(read_weights_file(path), path, model_name, image_size, context_length, device,
+                               pretrained)
 
 
 def bundle_from_payload(payload: Any, path: Path, model_name: str | None = None, image_size: int | None = None,
-                        context_length: int | None = None,
-                        device: torch.device | str = "cpu") -> tuple[ModelBundle, CheckpointInfo]:
-    """The one way clip_med rebuilds a model from a checkpoint's contents (inference, evaluation, export)."""
+                        context_length: int | None = None, device: torch.device | str = "cpu",
+                        pretrained: str | None = None) -> tuple[ModelBundle, CheckpointInfo]:
+    """The one way clip_med rebuilds a model from a checkpoint's contents (inference, evaluation, export).
+
+    The architecture is built without pretrained weights (they follow from the checkpoint), except
+    for a LoRA checkpoint, which holds only what was trained on top of them.
+    """
     if is_clip_med_checkpoint(payload):
         cfg = _model_config_from(payload, model_name)
         config = payload.get("config") or {}
         with _weights_follow():
-            bundle = create_model(cfg, device, **_loss_kwargs(config))
+            bundle = create_model(cfg, device, load_weights=bool(lora_rebuild_fields(payload)),
+                                  **_loss_kwargs(config))
         _check_model_cfg(bundle.model_cfg, payload.get("model_cfg"), path)
         try:
-            bundle.model.load_state_dict(payload["state_dict"])
+            load_trained_state(bundle.model, payload)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {path} does not fit {cfg.name}: {str(exc)[:500]}") from None
+        merge_lora(bundle.model)  # LoRA adapters folded into plain open_clip weights
         step = (payload.get("train_state") or {}).get("step")
         info = CheckpointInfo(path, "clip_med", cfg.name, step, config)
     else:
@@ -210,9 +275,10 @@ def bundle_from_payload(payload: Any, path: Path, model_name: str | None = None,
                 f"clip_med.load({str(path)!r}, model_name='ViT-B-16') or model_name=... on the command line"
             )
         del payload
-        cfg = ModelConfig(name=model_name, image_size=image_size, context_length=context_length)
+        cfg = ModelConfig(name=model_name, pretrained=pretrained, image_size=image_size,
+                          context_length=context_length)
         with _weights_follow():
-            bundle = create_model(cfg, device)
+            bundle = create_model(cfg, device, load_weights=False)
         try:
             open_clip.load_checkpoint(bundle.model, str(path), weights_only=True)
         except RuntimeError as exc:

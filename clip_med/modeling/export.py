@@ -1,10 +1,17 @@
-"""A training checkpoint -> a folder plain open_clip loads (safetensors weights + open_clip config).
+"""A training checkpoint -> a folder in the hub's open_clip layout (what ``hf-hub:`` and ``local-dir:`` load).
 
 The folder holds:
 
-- ``open_clip_model.safetensors``: the model's weights;
+- ``open_clip_model.safetensors``: the model's weights (a LoRA run's adapters merged into them, so
+  loading needs neither peft nor clip_med); open_clip's ``hf-hub:`` loader looks for this name
+  before ``open_clip_pytorch_model.bin``, so no pickle file is written;
 - ``open_clip_config.json``: ``{"model_cfg": ..., "preprocess_cfg": ...}``, which is what
-  ``open_clip.create_model_and_transforms("local-dir:<folder>")`` reads;
+  ``open_clip.create_model_and_transforms("local-dir:<folder>")`` (or ``"hf-hub:<repo>"`` once the
+  folder is uploaded as ``<repo>``) reads;
+- for a Hugging Face text tower, its tokenizer's files (``tokenizer.save_pretrained``):
+  ``local-dir:`` reads the tokenizer from the folder itself, and ``hf-hub:`` from
+  ``text_cfg.hf_tokenizer_name`` (kept as trained: the tower's own hub repo, as BiomedCLIP does);
+  the text tower's architecture is read from ``text_cfg.hf_model_name`` as for the original model;
 - ``<name>.json``: the bare architecture config, so that ``open_clip.add_model_config(<folder>)``
   followed by ``open_clip.create_model_and_transforms("<name>", pretrained="<folder>/open_clip_model.safetensors")``
   works too;
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,9 +35,10 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from clip_med.core.io import atomic_write, write_text_atomic
+from clip_med.core.io import atomic_write, write_bytes_atomic, write_text_atomic
 from clip_med.modeling.checkpoint import bundle_from_payload, find_resume_checkpoint, is_clip_med_checkpoint
 from clip_med.modeling.factory import ModelBundle, clip_model
+from clip_med.modeling.lora import BASE_SHA256
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +84,21 @@ def open_clip_configs(bundle: ModelBundle, state_dict: dict[str, torch.Tensor]) 
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
-def _check_tokenizer(model_cfg: dict[str, Any]) -> None:
-    if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
-        raise ExportError(
-            "this model uses a Hugging Face tokenizer, which open_clip's local-dir: loader reads from the export "
-            "folder itself; exporting its files is not supported yet. Load the weights with "
-            "open_clip.create_model(<name>, pretrained=<folder>/open_clip_model.safetensors) instead."
-        )
+def _write_tokenizer_files(bundle: ModelBundle, model_cfg: dict[str, Any], out: Path) -> list[str]:
+    """A Hugging Face tokenizer's files into ``out`` (open_clip's default tokenizer needs none); their names."""
+    if not model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        return []
+    if not hasattr(bundle.tokenizer, "save_pretrained"):
+        raise ExportError(f"the model's config names a Hugging Face tokenizer but clip_med's tokenizer is a "
+                          f"{type(bundle.tokenizer).__name__}, which cannot save its files")
+    names = []
+    with tempfile.TemporaryDirectory(prefix="clip_med_tokenizer_") as folder:
+        bundle.tokenizer.save_pretrained(folder)
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file():
+                write_bytes_atomic(out / path.name, path.read_bytes())
+                names.append(path.name)
+    return names
 
 
 def _sha256(path: Path) -> str:
@@ -105,16 +122,19 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
     bundle, _ = bundle_from_payload(payload, source)
     state_dict = {key: value.detach().contiguous() for key, value in bundle.model.state_dict().items()}
     configs = open_clip_configs(bundle, state_dict)
-    _check_tokenizer(configs["model_cfg"])
     name = cfg.name or out.resolve().name
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / WEIGHTS, "path") as tmp:  # readable by others: the umask's mode, not safetensors' 0600
         save_file(state_dict, str(tmp), metadata={"format": "pt", "source": "clip_med"})
+    tokenizer_files = _write_tokenizer_files(bundle, configs["model_cfg"], out)
     _write_json(out / CONFIG, configs)
     _write_json(out / f"{name}.json", configs["model_cfg"])
+    trained_model = (payload.get("config") or {}).get("model") or {}
     _write_json(out / INFO, {
         "source_checkpoint": str(source.resolve()), "step": (payload.get("train_state") or {}).get("step"),
         "model_name": payload["model_name"], "name": name, "weights_sha256": _sha256(out / WEIGHTS),
+        "tokenizer_files": tokenizer_files,
+        "lora_merged": trained_model.get("lora") if BASE_SHA256 in payload else None,
         "load": {"local_dir": f"open_clip.create_model_and_transforms('local-dir:{out}')",
                  "by_name": f"open_clip.add_model_config('{out}'); open_clip.create_model_and_transforms("
                             f"'{name}', pretrained='{out / WEIGHTS}')"},
@@ -126,7 +146,7 @@ def export_checkpoint(cfg: ExportConfig) -> Path:
 
 
 def verify_export(out: Path, bundle: ModelBundle, atol: float = 1e-5) -> float:
-    """Load ``out`` with open_clip's local-dir: loader; weights must be equal and embeddings within ``atol``."""
+    """Load ``out`` with open_clip's local-dir: loader; weights and tokens must be equal, embeddings within ``atol``."""
     loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     loaded.eval()
     expected, got = bundle.model.state_dict(), loaded.state_dict()
@@ -135,7 +155,10 @@ def verify_export(out: Path, bundle: ModelBundle, atol: float = 1e-5) -> float:
     generator = torch.Generator().manual_seed(0)
     size = bundle.image_size
     images = torch.randn(2, 3, size, size, generator=generator)
-    texts = open_clip.get_tokenizer(f"local-dir:{out}")(["a CT of the head", "chest X-ray"])
+    sentences = ["a CT of the head", "chest X-ray"]
+    texts = open_clip.get_tokenizer(f"local-dir:{out}")(sentences)
+    if not torch.equal(texts, bundle.tokenizer(sentences)):
+        raise ExportError(f"{out}: open_clip's tokenizer for the folder does not tokenize as clip_med's does")
     with torch.no_grad():
         diff = max(float((clip_model(bundle.model).encode_image(images, normalize=True)
                           - loaded.encode_image(images, normalize=True)).abs().max()),

@@ -7,6 +7,7 @@ needs to know which loss it runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -66,6 +67,20 @@ def create_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> torch.nn
 
 def model_kwargs_for(cfg: LossConfig) -> dict[str, Any]:
     return dict(MODEL_KWARGS[cfg.name])
+
+
+def fp32_loss(loss_fn: torch.nn.Module, features: dict[str, Any]) -> torch.Tensor:
+    """The total loss of the model's ``features`` computed in fp32, outside autocast: the logits (a
+    scale of up to 100 times cosine similarities) and their softmax or sigmoid keep fp32's precision
+    when the towers ran in bf16/fp16. With fp32 features and no autocast, the same operations as
+    calling ``loss_fn`` directly."""
+    as_fp32 = {key: value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+               for key, value in features.items()}
+    device = next((value.device for value in as_fp32.values() if isinstance(value, torch.Tensor)), None)
+    off = torch.autocast(device.type, enabled=False) if device is not None and device.type == "cuda" \
+        else contextlib.nullcontext()
+    with off:
+        return total_loss(loss_fn(**as_fp32, output_dict=True))
 
 
 def total_loss(terms: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 from clip_med.core.bounds import bounded
 from clip_med.data.loader import LoaderConfig
 from clip_med.data.sources.synthetic import SyntheticSourceConfig
@@ -36,6 +38,11 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+# The device-dependent defaults of TrainerConfig.checkpoint_every_steps / checkpoint_every_minutes.
+CPU_CHECKPOINT_EVERY_STEPS = 50
+GPU_CHECKPOINT_EVERY_MINUTES = 15.0
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = bounded(12, minimum=1)
@@ -46,23 +53,44 @@ class TrainerConfig:
     # on older ones, fp32 on CPU. Also fp32 | bf16 | fp16. Evaluation and inference use the same.
     precision: str = "auto"
     dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
-    # How long a process waits for the others at a collective (e.g. while rank 0 writes shards).
+    # How long a process waits for the others at a collective (every training step's exchanges).
     dist_timeout_minutes: float = bounded(30, above=0)
+    # How long the others wait while rank 0 alone works (writes the shards, evaluates); a failing
+    # rank still ends the others at once, with its message.
+    dist_phase_timeout_minutes: float = bounded(1440, above=0)
     # Gradient accumulation keeping the full contrastive batch (open_clip's accum_freq): one
     # optimizer step covers accum_freq batches per process, whose features all meet in one loss.
     accum_freq: int = bounded(1, minimum=1)
     # DDP options: SyncBatchNorm for BatchNorm towers (CUDA only), DDP's static_graph optimisation.
     sync_batchnorm: bool = False
     ddp_static_graph: bool = False
-    checkpoint_every_steps: int = bounded(50, minimum=1)
-    # Also checkpoint when this many minutes passed since the last one (None: by steps only).
+    # Checkpoints are written in the background. Every this many steps (None: 50 on the CPU, none on a GPU),
+    checkpoint_every_steps: Optional[int] = bounded(None, minimum=1)
+    # and when this many minutes passed since the last one (None: 15 on a GPU, none on the CPU).
     checkpoint_every_minutes: Optional[float] = bounded(None, above=0)
     keep_checkpoints: int = bounded(3, minimum=1)
     log_every_steps: int = bounded(10, minimum=1)
     # Abort after this many consecutive steps with a non-finite loss (each one is skipped).
     max_nonfinite_steps: int = bounded(5, minimum=0)
+    # Fused AdamW, which skips a non-finite step on the device (None: on CUDA; the CPU keeps the for-loop AdamW).
+    fused_optimizer: Optional[bool] = None
+    # Read each step's agreed flags (finite loss, data left, stop, checkpoint due) at once instead of one
+    # step later: the per-step GPU synchronisation of earlier versions, kept to measure what it costs.
+    sync_every_step: bool = False
     progress: bool = True
     tensorboard: bool = True
+
+    def checkpoint_intervals(self, device: torch.device) -> tuple[Optional[int], Optional[float]]:
+        """(every so many steps, every so many minutes), each None for never: by default steps on the CPU,
+        where they keep runs reproducible, and time on a GPU, where steps fly by."""
+        gpu = device.type == "cuda"
+        steps = self.checkpoint_every_steps
+        minutes = self.checkpoint_every_minutes
+        return (steps if steps is not None else None if gpu else CPU_CHECKPOINT_EVERY_STEPS,
+                minutes if minutes is not None else GPU_CHECKPOINT_EVERY_MINUTES if gpu else None)
+
+    def use_fused_optimizer(self, device: torch.device) -> bool:
+        return self.fused_optimizer if self.fused_optimizer is not None else device.type == "cuda"
 
     def __post_init__(self) -> None:
         # DDP's static graph and no_sync() (gradient accumulation) fail on the first backward

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,10 +13,10 @@ import torch
 from clip_med.core import distributed
 from clip_med.core.precision import resolve_precision
 from clip_med.data.shardset import ShardSet
-from clip_med.data.transforms import create_transform
 from clip_med.eval.embeddings import embed_split
 from clip_med.eval.evaluator import evaluate_embeddings
 from clip_med.eval.report import write_report
+from clip_med.eval.zero_shot import prompt_style_for
 from clip_med.modeling.factory import ModelBundle
 from clip_med.training.config import TrainConfig
 from clip_med.training.metrics_log import MetricsLogger
@@ -71,7 +72,7 @@ def evaluate_run(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, inf
 def _evaluate(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, info: distributed.DistInfo,
               step: int) -> dict[str, Any]:
     split = shard_set.held_out_split(cfg.data.train_split, cfg.eval.split)
-    transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=False)
+    transform = bundle.transform(train=False)  # the model's own preprocess_cfg
     precision = resolve_precision(cfg.trainer.precision, info.device)  # the run's own precision
     common = _EmbedOptions(transform=transform, tokenizer=bundle.tokenizer, device=info.device,
                   batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, precision=precision,
@@ -79,7 +80,8 @@ def _evaluate(bundle: ModelBundle, shard_set: ShardSet, cfg: TrainConfig, info: 
     held_out = embed_split(bundle.model, shard_set.urls(split), description=f"embed {split}", **common)
     train = embed_split(bundle.model, shard_set.urls(cfg.data.train_split),
                         description=f"embed {cfg.data.train_split}", **common)
-    report = evaluate_embeddings(bundle.model, bundle.tokenizer, info.device, held_out, train, cfg.eval)
+    eval_cfg = dataclasses.replace(cfg.eval, prompt_style=prompt_style_for(cfg.eval.prompt_style, bundle.pretrained))
+    report = evaluate_embeddings(bundle.model, bundle.tokenizer, info.device, held_out, train, eval_cfg)
     report.update({"split": split, "train_split": cfg.data.train_split, "source": shard_set.source,
                    "model": bundle.name, "step": step, "read_errors": held_out.errors})
     return report

@@ -1,4 +1,11 @@
-"""AdamW with open_clip's weight-decay grouping, and open_clip's learning-rate schedules."""
+"""AdamW with open_clip's weight-decay grouping, and open_clip's learning-rate schedules.
+
+``optim.lr_image`` / ``optim.lr_text`` give a tower its own learning rate (its LoRA adapters
+included); the temperature and anything else outside the towers keep ``optim.lr``. Each rate gets
+its own pair of parameter groups (with and without weight decay), and the schedule scales each
+group from its own base rate, so the ratio between the towers holds at every step. Without them
+there are exactly open_clip's two groups and one schedule, as before.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,15 @@ import torch
 from open_clip_train.scheduler import const_lr, cosine_lr
 
 from clip_med.core.bounds import bounded
+from clip_med.modeling.lora import parameter_tower
 
 
 @dataclass
 class OptimConfig:
     lr: float = bounded(2e-3, above=0)
+    # The image and text towers' own learning rates (None: lr), e.g. a smaller one for a pretrained tower.
+    lr_image: Optional[float] = bounded(None, above=0)
+    lr_text: Optional[float] = bounded(None, above=0)
     weight_decay: float = bounded(0.1, minimum=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = bounded(1e-6, above=0)
@@ -29,12 +40,33 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
+# The OptimConfig field that sets each tower's base learning rate.
+_TOWER_LR = {"image": "lr_image", "text": "lr_text"}
+
+
+def _lr_field(cfg: OptimConfig, tower: str) -> str:
+    field_name = _TOWER_LR.get(tower, "lr")
+    return field_name if getattr(cfg, field_name, None) is not None else "lr"
+
+
+def base_lr(cfg: OptimConfig, group: dict) -> float:
+    """The base learning rate of a parameter group (groups of older checkpoints have no ``lr_field``: lr)."""
+    return float(getattr(cfg, group.get("lr_field", "lr")) or cfg.lr)
+
+
 def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    groups = [
-        {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},
-    ]
+    groups = []
+    for field_name in ("lr", *_TOWER_LR.values()):
+        own = [(n, p) for n, p in named if _lr_field(cfg, parameter_tower(n)) == field_name]
+        if field_name != "lr" and not own:
+            continue
+        lr = getattr(cfg, field_name)
+        groups += [
+            {"params": [p for n, p in own if _no_decay(n, p)], "weight_decay": 0.0, "lr": lr, "lr_field": field_name},
+            {"params": [p for n, p in own if not _no_decay(n, p)], "weight_decay": cfg.weight_decay, "lr": lr,
+             "lr_field": field_name},
+        ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cast("tuple[float, float]", tuple(cfg.betas)), eps=cfg.eps)
 
 
@@ -46,10 +78,30 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return max(1, min(steps, max(total_steps - 1, 1)))
 
 
+class _GroupsOf:
+    """The optimizer's groups with one base rate, as open_clip's schedules see an optimizer (they set
+    ``param_groups[i]["lr"]``); looked up at each step, so a later ``load_state_dict`` is followed."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: float):
+        self.optimizer, self.cfg, self.lr = optimizer, cfg, lr
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for group in self.optimizer.param_groups if base_lr(self.cfg, group) == self.lr]
+
+
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """A function of the global step that sets and returns the learning rate (stateless: resume needs only the step)."""
+    """A function of the global step that sets every group's learning rate and returns optim.lr's (stateless:
+    resume needs only the step)."""
     try:
         schedule = SCHEDULES[cfg.schedule]
     except KeyError:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}") from None
-    return schedule(optimizer, cfg.lr, warmup_steps(cfg, total_steps), max(total_steps, 2))
+    rates = list(dict.fromkeys([cfg.lr] + [base_lr(cfg, group) for group in optimizer.param_groups]))
+    adjusters = [schedule(_GroupsOf(optimizer, cfg, lr), lr, warmup_steps(cfg, total_steps), max(total_steps, 2))
+                 for lr in rates]
+
+    def adjust(step: int) -> float:
+        return [adjuster(step) for adjuster in adjusters][0]
+
+    return adjust

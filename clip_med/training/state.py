@@ -1,9 +1,10 @@
 """The train state a step-exact resume needs, and how it is gathered into and restored from a checkpoint.
 
-A checkpoint holds the model, optimizer and grad-scaler state, the step counters, every rank's
-RNG state, and every rank's data position: for each loader worker the raw samples it had read
-and batches it had delivered in the current epoch, and which worker's batch was due next. The
-learning-rate schedule is a pure function of the step, so it needs no state of its own.
+A checkpoint holds the model (for a LoRA run only its trained parameters and buffers), optimizer
+and grad-scaler state, the step counters, every rank's RNG state, and every rank's data position:
+for each loader worker the raw samples it had read and batches it had delivered in the current
+epoch, and which worker's batch was due next. The learning-rate schedule is a pure function of the
+step, so it needs no state of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from clip_med.core import distributed
 from clip_med.core.counting import merge_counts
 from clip_med.data.loader import WorkerPosition, batch_position
+from clip_med.modeling.lora import checkpoint_extras, trained_state_dict
 from clip_med.training.checkpoint import restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,10 @@ def gather_into_state(state: TrainState, progress: Optional[EpochProgress], info
 
 
 def checkpoint_payload(model: torch.nn.Module, optimizer, scaler, state: TrainState, rngs: list, meta: dict) -> dict:
+    """The checkpoint's content; a LoRA model's holds only what trains (its base weights come from model.pretrained)."""
     return {
-        "state_dict": model.state_dict(),
+        "state_dict": trained_state_dict(model),
+        **checkpoint_extras(model),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "train_state": dataclasses.asdict(state),

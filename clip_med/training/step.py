@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ from clip_med.core.precision import PRECISIONS as PRECISIONS  # re-exported
 from clip_med.core.precision import autocast_context
 from clip_med.core.precision import resolve_precision as resolve_precision  # re-exported
 from clip_med.modeling.factory import clip_model
-from clip_med.modeling.losses import total_loss
+from clip_med.modeling.losses import fp32_loss
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,17 @@ class StepParts:
     precision: str
     device: torch.device
     grad_clip_norm: Optional[float] = None
+    # Finishes uint8 images on the device (clip_med.data.transforms.Normalizer); float images pass as they are.
+    normalize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
-def _inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (batch["images"].to(device, non_blocking=True), batch["texts"].to(device, non_blocking=True))
+def _inputs(parts: StepParts, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch["images"].to(parts.device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        if parts.normalize is None:
+            raise ValueError("uint8 images need StepParts.normalize (the Normalizer split off the transform)")
+        images = parts.normalize(images)
+    return images, batch["texts"].to(parts.device, non_blocking=True)
 
 
 def _backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
@@ -66,12 +74,13 @@ def forward_backward(parts: StepParts, micro_batches: list[dict]) -> torch.Tenso
     """Gradients of the loss over all ``micro_batches`` as one contrastive batch; returns the loss (detached)."""
     parts.optimizer.zero_grad(set_to_none=True)
     if len(micro_batches) == 1:
-        images, texts = _inputs(micro_batches[0], parts.device)
+        images, texts = _inputs(parts, micro_batches[0])
         with autocast_context(parts.device, parts.precision):
-            loss = total_loss(parts.loss_fn(**parts.model(images, texts), output_dict=True))
+            features = parts.model(images, texts)
+        loss = fp32_loss(parts.loss_fn, features)
         _backward(loss, parts.scaler)
         return loss.detach()
-    return _accumulated(parts, [_inputs(batch, parts.device) for batch in micro_batches])
+    return _accumulated(parts, [_inputs(parts, batch) for batch in micro_batches])
 
 
 def _cached_features(parts: StepParts, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list]:
@@ -92,13 +101,14 @@ def _accumulated(parts: StepParts, inputs: list[tuple[torch.Tensor, torch.Tensor
         # Only the last pass syncs gradients across ranks; it also carries the temperature's gradient
         # (DDP expects every parameter in the graph of the pass that syncs).
         sync = contextlib.nullcontext() if parts.ddp is None or j == last else parts.ddp.no_sync()
-        with sync, autocast_context(parts.device, parts.precision):
-            out = parts.model(images, texts)
-            scalars = {key: out.pop(key) for key in _SCALARS if key in out}
-            if j != last:
-                scalars = {key: value.detach() for key, value in scalars.items()}
-            features = {key: torch.cat(chunks[:j] + [out[key]] + chunks[j + 1:]) for key, chunks in cached.items()}
-            loss = total_loss(parts.loss_fn(**features, **scalars, output_dict=True))
+        with sync:
+            with autocast_context(parts.device, parts.precision):
+                out = parts.model(images, texts)
+                scalars = {key: out.pop(key) for key in _SCALARS if key in out}
+                if j != last:
+                    scalars = {key: value.detach() for key, value in scalars.items()}
+                features = {key: torch.cat(chunks[:j] + [out[key]] + chunks[j + 1:]) for key, chunks in cached.items()}
+            loss = fp32_loss(parts.loss_fn, {**features, **scalars})
         _backward(loss, parts.scaler)
     assert loss is not None  # forward_backward passes two or more micro-batches here
     return loss.detach()

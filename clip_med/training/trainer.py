@@ -2,8 +2,12 @@
 
 One process, or one per GPU under ``torchrun`` (DDP; the contrastive loss sees the global
 batch). Every rank takes the same step-level decisions (skip a non-finite step, end an epoch
-whose data ran short, stop on SIGTERM, write a checkpoint) through one small CPU all-reduce
-per step; only rank 0 writes checkpoints, metrics and the report.
+whose data ran short, stop on SIGTERM, write a checkpoint) through one small all-reduce per step
+on the device, which the host reads one step late (:mod:`clip_med.training.agreement`): the GPU
+never waits for Python between steps. Only rank 0 writes checkpoints (in the background, from a
+CPU snapshot), metrics and the report. While rank 0 alone works (shards, evaluation) the others
+wait with their own long timeout, and a rank that fails ends the others with its message
+(:func:`clip_med.core.distributed.failures_shared`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,15 +31,27 @@ from tqdm.auto import tqdm
 
 from clip_med.core import distributed
 from clip_med.core.bounds import check_bounds
-from clip_med.data.loader import create_train_loader, effective_workers, steps_per_epoch
+from clip_med.data.loader import (
+    TrainStream,
+    batch_bytes,
+    check_shared_memory,
+    effective_workers,
+    steps_per_epoch,
+    train_workers,
+)
 from clip_med.data.shardset import ShardSet, open_shard_set, prepare_shards
-from clip_med.data.transforms import create_transform
+from clip_med.data.transforms import split_normalize
 from clip_med.modeling.factory import ModelBundle, clip_model, count_parameters, create_model
+from clip_med.modeling.hub import first_on_rank_zero
+from clip_med.modeling.lora import load_trained_state
 from clip_med.modeling.losses import create_loss, model_kwargs_for
+from clip_med.training.agreement import Agreed, GroupFeed, StepAgreement
+from clip_med.training.async_checkpoint import BackgroundWriter, snapshot_to_cpu
 from clip_med.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from clip_med.training.config import TrainConfig
 from clip_med.training.evaluation import evaluate_run
 from clip_med.training.metrics_log import MetricsLogger
+from clip_med.training.nonfinite import apply_update_if, local_ok, use_fused_optimizer
 from clip_med.training.optim import create_optimizer, create_scheduler
 from clip_med.training.state import (
     EpochProgress,
@@ -45,15 +61,7 @@ from clip_med.training.state import (
     gather_into_state,
     restore_train_state,
 )
-from clip_med.training.step import (
-    StepParts,
-    apply_update,
-    create_grad_scaler,
-    finite_flag,
-    forward_backward,
-    resolve_precision,
-    skip_update,
-)
+from clip_med.training.step import StepParts, create_grad_scaler, forward_backward, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +105,7 @@ def prepare_data(cfg: TrainConfig, info: distributed.DistInfo) -> ShardSet:
         raise ValueError("no data source configured: choose one with source=<name> (see conf/source/)")
     if info.is_main:
         shard_set = prepare_shards(cfg.source, cfg.shards)
-    distributed.barrier(info)
+    distributed.barrier(info, "rank 0 writing the shards")
     if not info.is_main:
         shard_set = open_shard_set(cfg.shards.out_dir(cfg.source.name))
     return shard_set
@@ -114,7 +122,7 @@ def plan_epochs(cfg: TrainConfig, shard_set: ShardSet, info: distributed.DistInf
         raise ValueError(f"the {split!r} split holds no samples ({where}; {manifest.input_count} input record(s)"
                          + (f", skipped: {skipped}" if skipped else "") + f"): nothing to train on. See "
                          f"{split}.manifest.json for why each record was skipped")
-    workers = effective_workers(len(urls), info.world_size, loader.workers)
+    workers = effective_workers(len(urls), info.world_size, train_workers(loader.workers, info.device))
     steps = [steps_per_epoch(counts, urls, epoch, cfg.seed, True, info.world_size, workers, loader.batch_size)
              // accum for epoch in range(cfg.trainer.epochs)]
     if cfg.trainer.max_steps is not None:
@@ -157,25 +165,59 @@ class _Run:
     stop: threading.Event
     last_checkpoint_time: float = 0.0
     nonfinite_in_row: int = 0
+    stream: Any = None  # TrainStream: the loader, its workers kept from epoch to epoch
+    # (every so many steps, every so many minutes): TrainerConfig.checkpoint_intervals
+    checkpoint_every: tuple[int | None, float | None] = (None, None)
+    # Rank 0's checkpoint writer (save_checkpoint looked up at each write, where tests replace it).
+    writer: BackgroundWriter = field(default_factory=lambda: BackgroundWriter(lambda *args: save_checkpoint(*args)))
+    agreement: Any = None  # StepAgreement: the per-step flags, read `lag` steps late
+    feed: Any = None  # GroupFeed of the current epoch
+    agreed_until: int = 0  # the epoch steps every rank holds data for (exclusive)
+    stop_requested: bool = False  # a rank was asked to stop (agreed)
+    checkpoint_due: bool = False  # a time-based checkpoint is due (agreed)
+    last_ok: bool = True  # the newest agreed step was finite
 
 
 def _checkpoint(run: _Run, progress: EpochProgress | None) -> None:
-    """Rank 0 writes; every rank learns whether it worked (a failed write stops them all)."""
+    """Every rank settles the step flags and sends its data position; rank 0 snapshots the state to CPU
+    memory and writes it in the background (after the previous write: a failed one stops every rank)."""
+    _settle(run)
     rngs = gather_into_state(run.state, progress, run.info)
-    error = None
+    _raise_if_write_failed(run)
     if run.info.is_main:
         meta = {"model_name": run.bundle.name, "model_cfg": run.bundle.model_cfg,
                 "config": dataclasses.asdict(run.cfg), **data_layout(run.cfg, run.plan, run.info)}
         payload = checkpoint_payload(run.parts.raw, run.parts.optimizer, run.parts.scaler, run.state, rngs, meta)
-        try:
-            path = save_checkpoint(payload, run.run_dir, run.state.step, run.cfg.trainer.keep_checkpoints)
-            log.debug("checkpoint %s", path)
-        except RuntimeError as exc:
-            error = str(exc)
-    error = distributed.broadcast_object(error, run.info)
+        run.writer.submit(snapshot_to_cpu(payload), run.run_dir, run.state.step, run.cfg.trainer.keep_checkpoints)
     run.last_checkpoint_time = time.monotonic()
+    run.checkpoint_due = False
+
+
+def _raise_if_write_failed(run: _Run) -> None:
+    """Rank 0 waits for the write in flight; if it (or an earlier one) failed, every rank stops with its error."""
+    error = distributed.broadcast_object(run.writer.wait() if run.info.is_main else None, run.info)
     if error:
         raise RuntimeError(error if run.info.is_main else f"rank 0 could not write a checkpoint: {error}")
+
+
+def _on_agreed(run: _Run, agreed: Agreed) -> None:
+    """Act on one step's flags, read after the step (every rank reads the same ones at the same step)."""
+    if not agreed.writer_ok:
+        _raise_if_write_failed(run)
+    run.last_ok = agreed.ok
+    if agreed.ok:
+        run.nonfinite_in_row = 0
+    else:
+        _handle_nonfinite(run, agreed.step)
+    run.agreed_until = max(run.agreed_until, agreed.data_until)
+    run.stop_requested |= not agreed.go_on
+    run.checkpoint_due |= not agreed.not_due
+
+
+def _settle(run: _Run) -> None:
+    """Read every step's flags now (waits for the device: log steps, checkpoints, epoch ends)."""
+    for agreed in run.agreement.flush():
+        _on_agreed(run, agreed)
 
 
 def _micro_batch_groups(loader, accum: int) -> Iterator[list[dict]]:
@@ -188,15 +230,21 @@ def _micro_batch_groups(loader, accum: int) -> Iterator[list[dict]]:
 
 
 def _checkpoint_due(run: _Run) -> bool:
-    minutes = run.cfg.trainer.checkpoint_every_minutes
-    return (minutes is not None and bool(minutes) and run.info.is_main
+    """Rank 0's clock says a time-based checkpoint is due (the ranks agree on it through the step flags)."""
+    minutes = run.checkpoint_every[1]
+    return (minutes is not None and run.info.is_main
             and time.monotonic() - run.last_checkpoint_time >= minutes * 60)
 
 
-def _handle_nonfinite(run: _Run) -> None:
+def _steps_due(run: _Run) -> bool:
+    every = run.checkpoint_every[0]
+    return every is not None and run.state.step % every == 0
+
+
+def _handle_nonfinite(run: _Run, step: int) -> None:
     run.nonfinite_in_row += 1
     run.state.nonfinite_skipped += 1
-    step, in_row = run.state.step + 1, run.nonfinite_in_row
+    in_row = run.nonfinite_in_row
     log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, in_row)
     if in_row >= run.cfg.trainer.max_nonfinite_steps:
         raise FloatingPointError(
@@ -205,10 +253,15 @@ def _handle_nonfinite(run: _Run) -> None:
         )
 
 
-def _train_step(run: _Run, group: list[dict]) -> tuple[torch.Tensor, bool]:
-    """Gradients for one optimizer step; returns the loss and whether this rank may apply the update."""
+def _train_step(run: _Run, group: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step, applied where every rank's loss was finite; returns the loss and the step's
+    agreed flags (both on the device: nothing here waits for the GPU)."""
     loss = forward_backward(run.parts, group)
-    return loss, bool(finite_flag(run.parts, loss))
+    flags = run.agreement.agree(run.state.step + 1, local_ok(run.parts, loss), run.feed.data_until,
+                                go_on=not run.stop.is_set(), not_due=not _checkpoint_due(run),
+                                writer_ok=run.writer.error is None)
+    apply_update_if(run.parts, flags[0])
+    return loss, flags
 
 
 def _advance(run: _Run, progress: EpochProgress, group: list[dict]) -> int:
@@ -222,46 +275,41 @@ def _advance(run: _Run, progress: EpochProgress, group: list[dict]) -> int:
     return batch_size
 
 
+def _start_epoch(run: _Run, steps: int) -> None:
+    """This epoch's batches, fetched ahead as far as the step flags are read late, and how far every rank
+    holds data at the start (one CPU exchange per epoch)."""
+    if run.stream.starts_workers:
+        run.writer.wait()  # no worker processes forked while a checkpoint thread runs
+    groups = _micro_batch_groups(run.stream.epoch(run.state.epoch), run.cfg.trainer.accum_freq)
+    run.feed = GroupFeed(groups, run.state.epoch_step, steps, ahead=run.agreement.lag + 1)
+    run.agreed_until = run.feed.agree_start(run.info)
+
+
 def _run_epoch(run: _Run) -> None:
     state, cfg, info = run.state, run.cfg, run.info
     steps = run.plan.steps[state.epoch]
     progress = EpochProgress(run.plan.workers, state, info.rank)
-    loader = create_train_loader(
-        run.plan.urls, run.train_transform, run.bundle.tokenizer, cfg.data.loader, state.epoch, cfg.seed,
-        run.plan.workers, resume=progress.positions, rank=info.rank, world_size=info.world_size,
-        first_worker=progress.next_worker, pin_memory=info.device.type == "cuda", shard_counts=run.plan.counts)
-    groups = _micro_batch_groups(loader, cfg.trainer.accum_freq)
+    _start_epoch(run, steps)
     bar = tqdm(total=steps, initial=state.epoch_step, desc=f"epoch {state.epoch + 1}/{len(run.plan.steps)}",
                unit="step", disable=not (cfg.trainer.progress and info.is_main), dynamic_ncols=True)
     run.parts.model.train()
-    pending = next(groups, None) if state.epoch_step < steps else None
-    more = distributed.all_true([pending is not None], info)[0]
     window = (time.perf_counter(), 0)
-    while more and state.epoch_step < steps:
-        group, lr = pending, run.scheduler(state.step)
-        # `more` holds only while a group is pending (after the last step the loop condition ends it)
-        assert group is not None
-        loss, finite = _train_step(run, group)
-        last = state.epoch_step + 1 >= steps
-        pending = None if last else next(groups, None)
-        finite, more, go_on, no_save = distributed.all_true(
-            [finite, last or pending is not None, not run.stop.is_set(), not _checkpoint_due(run)], info)
-        if finite:
-            apply_update(run.parts)
-            run.nonfinite_in_row = 0
-        else:
-            skip_update(run.parts)
-            _handle_nonfinite(run)
+    while state.epoch_step < run.agreed_until:  # every rank holds this step's batches
+        group, lr = run.feed.pop(), run.scheduler(state.step)
+        loss, _ = _train_step(run, group)
         window = (window[0], window[1] + _advance(run, progress, group))
         bar.update(1)
+        for agreed in run.agreement.ready():  # the flags of `lag` steps ago
+            _on_agreed(run, agreed)
         if state.step % cfg.trainer.log_every_steps == 0 or state.epoch_step == steps:
-            _log_step(run, progress, float(loss) if finite else None, lr, window, bar)
+            _settle(run)
+            _log_step(run, progress, float(loss) if run.last_ok else None, lr, window, bar)
             window = (time.perf_counter(), 0)
-        if not go_on:
+        if run.stop_requested:
             _checkpoint(run, progress)
             raise TrainingInterrupted(f"stopped by a signal at step {state.step}; checkpoint written in "
                                       f"{run.run_dir}/checkpoints. Continue with resume=latest.")
-        if state.epoch_step < steps and (state.step % cfg.trainer.checkpoint_every_steps == 0 or not no_save):
+        if state.epoch_step < steps and (_steps_due(run) or run.checkpoint_due):
             _checkpoint(run, progress)
     bar.close()
     _end_epoch(run, progress, steps)
@@ -314,9 +362,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a CLIP model as ``cfg`` says and return the held-out evaluation report."""
     check_bounds(cfg)  # before any work (the command line has checked already; Python callers too)
     info = distributed.init_distributed(cfg.trainer.device, cfg.trainer.dist_backend,
-                                        cfg.trainer.dist_timeout_minutes)
+                                        cfg.trainer.dist_timeout_minutes, cfg.trainer.dist_phase_timeout_minutes)
     try:
-        return _train(cfg, info)
+        # a rank's error ends every rank with its message (a signal's stop is taken by all ranks together)
+        with distributed.failures_shared(info, passthrough=(TrainingInterrupted,)):
+            return _train(cfg, info)
     finally:
         distributed.cleanup(info)
 
@@ -360,11 +410,13 @@ def _wrap_model(cfg: TrainConfig, bundle: ModelBundle, info: distributed.DistInf
 
 def _build_run(cfg: TrainConfig, info: distributed.DistInfo, run_dir: Path) -> tuple[_Run, ShardSet, str | None]:
     shard_set = prepare_data(cfg, info)
-    bundle = create_model(cfg.model, info.device, **model_kwargs_for(cfg.loss))
+    # Rank 0 downloads pretrained files into the cache first; the other ranks then read the cache.
+    bundle = first_on_rank_zero(info, lambda: create_model(cfg.model, info.device, **model_kwargs_for(cfg.loss)))
     if info.is_main:
         log.info("model %s: %s parameters", cfg.model.name, f"{count_parameters(bundle.model)['total']:,}")
     plan = plan_epochs(cfg, shard_set, info)
     optimizer = create_optimizer(bundle.model, cfg.optim)
+    fused = use_fused_optimizer(optimizer, cfg.trainer.use_fused_optimizer(info.device))
     precision = resolve_precision(cfg.trainer.precision, info.device)
     scaler = create_grad_scaler(precision, info.device)
     state, resumed_from = TrainState(), None
@@ -374,8 +426,9 @@ def _build_run(cfg: TrainConfig, info: distributed.DistInfo, run_dir: Path) -> t
             log.info("resume=%s: no checkpoint found, starting from step 0", cfg.resume)
         else:
             resumed_from, checkpoint = found
-            bundle.model.load_state_dict(checkpoint["state_dict"])
+            load_trained_state(bundle.model, checkpoint)  # a LoRA checkpoint holds only what was trained
             optimizer.load_state_dict(checkpoint["optimizer"])
+            use_fused_optimizer(optimizer, fused)  # the saved groups bring their own setting back
             if scaler is not None and checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
             state = restore_train_state(checkpoint, data_layout(cfg, plan, info), info)
@@ -383,15 +436,42 @@ def _build_run(cfg: TrainConfig, info: distributed.DistInfo, run_dir: Path) -> t
                 log.info("resumed from %s at step %d (epoch %d, step %d of it)", resumed_from, state.step,
                          state.epoch + 1, state.epoch_step)
     model, ddp = _wrap_model(cfg, bundle, info)
+    train_transform, normalize = _train_transform(cfg, bundle)
     parts = StepParts(model, bundle.model, ddp, create_loss(cfg.loss, info.rank, info.world_size), optimizer, scaler,
-                      precision, info.device, cfg.optim.grad_clip_norm)
-    train_transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=True,
-                                       augment=cfg.data.augment)
+                      precision, info.device, cfg.optim.grad_clip_norm, normalize)
     logger = MetricsLogger(run_dir, info.is_main, cfg.trainer.tensorboard)
     logger.drop_after(state.step)
     run = _Run(cfg, info, bundle, parts, create_scheduler(optimizer, cfg.optim, plan.total_steps), plan, state,
-               run_dir, logger, train_transform, threading.Event(), time.monotonic())
+               run_dir, logger, train_transform, threading.Event(), time.monotonic(),
+               stream=_train_stream(cfg, info, bundle, plan, state, train_transform, uint8=normalize is not None),
+               checkpoint_every=cfg.trainer.checkpoint_intervals(info.device),
+               agreement=StepAgreement(info, lag=0 if cfg.trainer.sync_every_step else 1))
     return run, shard_set, resumed_from
+
+
+def _train_transform(cfg: TrainConfig, bundle: ModelBundle) -> tuple[Callable, Callable | None]:
+    """The loader's transform and, for uint8 images, the normalisation left for the device."""
+    transform = bundle.transform(train=True, augment=cfg.data.augment)  # the model's own preprocess_cfg
+    if not cfg.data.loader.uint8_images:
+        return transform, None
+    try:
+        return split_normalize(transform)
+    except ValueError as exc:
+        log.warning("images cross the loader as float32: %s", exc)
+        return transform, None
+
+
+def _train_stream(cfg: TrainConfig, info: distributed.DistInfo, bundle: ModelBundle, plan: EpochPlan,
+                  state: TrainState, transform: Callable, uint8: bool) -> TrainStream:
+    """This rank's loader for the whole run, continuing the saved position; refused up front when its
+    batches in flight would not fit in /dev/shm."""
+    loader = cfg.data.loader
+    check_shared_memory(plan.workers, loader.prefetch_factor, batch_bytes(loader.batch_size, bundle.image_size, uint8))
+    progress = EpochProgress(plan.workers, state, info.rank)
+    return TrainStream(plan.urls, transform, bundle.tokenizer, loader, cfg.seed, plan.workers,
+                       first_epoch=state.epoch, resume=progress.positions, first_worker=progress.next_worker,
+                       rank=info.rank, world_size=info.world_size, pin_memory=info.device.type == "cuda",
+                       shard_counts=plan.counts)
 
 
 @contextlib.contextmanager
@@ -449,10 +529,15 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
         with _stop_on_signals(run.stop):
             while run.state.epoch < len(run.plan.steps) and run.state.step < run.plan.total_steps:
                 _run_epoch(run)
+                if run.stop_requested:  # asked during the epoch's last step: its checkpoint is written
+                    raise TrainingInterrupted(f"stopped by a signal at step {run.state.step}; checkpoint written "
+                                              f"in {run_dir}/checkpoints. Continue with resume=latest.")
                 every = cfg.eval.every_epochs
                 if every and run.state.epoch % every == 0 and run.state.epoch < len(run.plan.steps):
                     evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
                                  write_files=False)
+        run.stream.close()
+        _raise_if_write_failed(run)  # the last checkpoint is on disk before the evaluation
         train_seconds = time.perf_counter() - started
         return evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
                             extra={"resumed_from": resumed_from, "train_seconds": round(train_seconds, 1),
@@ -460,4 +545,14 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
                                    "nonfinite_skipped": run.state.nonfinite_skipped,
                                    "samples_seen": run.state.samples_seen})
     finally:
-        run.logger.close()
+        _close(run)
+
+
+def _close(run: _Run) -> None:
+    """However the run ends: the checkpoint being written is finished (a stop's, or the newest before an
+    error), the loader workers stop, the metrics are flushed."""
+    error = run.writer.wait()
+    if error:
+        log.error("the last checkpoint write failed: %s", error)
+    run.stream.close()
+    run.logger.close()

@@ -41,6 +41,12 @@ class SourceConfig:
         root = getattr(self, "root", None)
         return [str(root)] if root else []
 
+    def class_tasks(self) -> list[str]:
+        """The label tasks of this source's own classes (a benchmark set's, named in
+        :mod:`clip_med.labels.benchmarks`), evaluated beside the taxonomy's; empty for a source of
+        captioned pairs. Such a source's captions are made from its class names."""
+        return []
+
 
 Reader = Callable[[SourceConfig], "dict[str, list[Record]]"]
 # A reader takes its own config subclass; the registry stores it as a plain Reader, since
@@ -57,7 +63,8 @@ class SourceSpec:
 
 
 SOURCES: dict[str, SourceSpec] = {}
-_BUILTIN_MODULES = ("synthetic", "medpix", "roco", "pmc_oa", "generic", "dicom", "clip_benchmark")
+_BUILTIN_MODULES = ("synthetic", "medpix", "roco", "pmc_oa", "generic", "dicom", "clip_benchmark",
+                    "medmnist", "pcam", "lc25000", "rsna", "chexpert")
 
 
 def register_source(
