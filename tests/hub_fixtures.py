@@ -22,7 +22,10 @@ The repos (see :func:`standard_repos`):
 * :data:`TEXT_REPO`: a tiny random BERT (``config.json``, ``model.safetensors``) with its
   WordPiece tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.txt``);
 * :data:`TAG_REPO`: ``open_clip_pytorch_model.bin`` of a :data:`TAG_ARCH` model, the weights of the
-  pretrained tag :data:`TAG` that :func:`register_tag` adds to open_clip's registry (test only).
+  pretrained tag :data:`TAG` that :func:`register_tag` adds to open_clip's registry (test only);
+* :data:`TIMM_REPO`: ``model.safetensors`` of timm's ``test_vit``, where timm downloads it from for an
+  image tower with ``timm_model_pretrained`` (the text repo's ``model.safetensors`` serves
+  ``hf_model_pretrained``).
 
 Use::
 
@@ -31,9 +34,9 @@ Use::
         env = subprocess_env(hub.url, tmp_path / "hf")  # commands started with subprocess
         run_command("clip_med.classify", [...], env, tag=True)
 
-Stable API (other test files import it): FakeHub, standard_repos, biomedclip_repo, text_repo,
-tag_repo, register_tag, tag_config, hub_env, subprocess_env, run_command, fake_hub (fixture),
-BIOMEDCLIP_REPO, TEXT_REPO, TAG_REPO, TAG_ARCH, TAG, HUB_MODEL.
+Stable API (other test files import it): FakeHub, standard_repos, biomedclip_repo, biomedclip_config,
+text_repo, tag_repo, timm_repo, register_tag, tag_config, hub_env, subprocess_env, run_command,
+fake_hub (fixture), BIOMEDCLIP_REPO, TEXT_REPO, TAG_REPO, TIMM_REPO, TAG_ARCH, TAG, HUB_MODEL.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import torch
 BIOMEDCLIP_REPO = "clipmed-test/tiny-biomedclip"
 TEXT_REPO = "clipmed-test/tiny-pubmedbert"
 TAG_REPO = "clipmed-test/medclip-tiny-clipmed-test"
+TIMM_REPO = "timm/test_vit.r160_in1k"  # where timm looks for test_vit's pretrained weights (its hf_hub_id)
 TAG_ARCH = "medclip-tiny"  # clip_med's own tiny architecture (64 px, 2-layer text transformer)
 TAG = "clipmed_test"
 HUB_MODEL = f"hf-hub:{BIOMEDCLIP_REPO}"
@@ -191,8 +195,22 @@ def tag_repo(seed: int = 1) -> dict[str, bytes]:
     return {"open_clip_pytorch_model.bin": _torch_bytes(_tag_state(seed)), "README.md": b"# tiny tag weights\n"}
 
 
+@cache
+def _timm_state(seed: int) -> dict[str, torch.Tensor]:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_vit", pretrained=False)
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def timm_repo(seed: int = 2) -> dict[str, bytes]:
+    """timm's ``test_vit`` "ImageNet" weights (``model.safetensors``), for image towers with timm_model_pretrained."""
+    return {"model.safetensors": _safetensors_bytes(_timm_state(seed)), "README.md": b"# tiny timm weights\n"}
+
+
 def standard_repos() -> dict[str, dict[str, bytes]]:
-    return {BIOMEDCLIP_REPO: biomedclip_repo(), TEXT_REPO: text_repo(), TAG_REPO: tag_repo()}
+    return {BIOMEDCLIP_REPO: biomedclip_repo(), TEXT_REPO: text_repo(), TAG_REPO: tag_repo(), TIMM_REPO: timm_repo()}
 
 
 def tag_config(repo_id: str = TAG_REPO) -> dict[str, Any]:
@@ -422,7 +440,8 @@ def _hub_variables(endpoint: str | None, cache: Path, offline: bool) -> dict[str
 def hub_env(monkeypatch, endpoint: str | None, cache: Path, offline: bool = False) -> dict[str, str]:
     """Point this process's huggingface_hub at ``endpoint`` with the cache under ``cache`` (HF_HOME).
 
-    huggingface_hub reads these variables when it is imported, so its ``constants`` are patched too.
+    huggingface_hub reads these variables when it is imported, so its ``constants`` are patched too
+    (and transformers' shared ``HfApi``, which keeps the endpoint it was made with, is dropped).
     """
     from huggingface_hub import constants
 
@@ -437,6 +456,12 @@ def hub_env(monkeypatch, endpoint: str | None, cache: Path, offline: bool = Fals
                         "HF_HUB_DISABLE_XET": True}.items():
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
+    # transformers keeps one HfApi, made with the endpoint of its first use: a later test's would go to a
+    # server that is gone (and wait out huggingface_hub's retries).
+    from transformers.utils import hub as transformers_hub
+
+    if hasattr(transformers_hub, "_hf_api"):
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
     return variables
 
 

@@ -8,15 +8,20 @@ trainer's own step functions, with the same learning-rate schedule.
 
 A tiny ViT is used for the comparison because BatchNorm (in medclip-tiny's ResNet) normalises
 over each process's own batch, which a single process with the global batch cannot reproduce.
+
+Also here: rank 0's long work (sharding, evaluation) outlasting the training's collective timeout,
+a failing rank ending the other with its message, and (on two GPUs) NCCL against a CUDA reference.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +65,12 @@ def dist_config(tmp: Path, settings: dict):
             setattr(cfg.loss, key, settings[key])
     cfg.trainer.accum_freq = settings.get("accum_freq", 1)
     cfg.trainer.checkpoint_every_steps = 3
+    cfg.trainer.dist_timeout_minutes = settings.get("dist_timeout_minutes", 30)
+    # Logging every step reads each step's agreed flags at once; otherwise they are read a step late.
+    cfg.trainer.log_every_steps = settings.get("log_every_steps", 1)
+    cfg.resume = settings.get("resume")
+    if settings.get("device") == "cuda":  # fp32 on both sides: NCCL against a one-process CUDA reference
+        cfg.trainer.device, cfg.trainer.precision, cfg.trainer.dist_backend = "cuda", "fp32", "nccl"
     # Adam is nearly blind to the scale of gradients; a large eps makes each update proportional to its
     # gradient, so that a gradient off by a factor (e.g. 1/world_size) cannot pass for the right one.
     cfg.optim.eps = 1e-2
@@ -78,6 +89,7 @@ def _driver(out: Path, settings: dict) -> None:
     torch.set_num_threads(1)
     register_vit_test(out / "model_configs")
     rank = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     steps: list[list[list[str]]] = []
     original_step, original_eval = trainer.forward_backward, trainer.evaluate_run
 
@@ -93,7 +105,43 @@ def _driver(out: Path, settings: dict) -> None:
     trainer.forward_backward, trainer.evaluate_run = recording_step, saving_eval
     if settings.get("truncate_a_shard_of_rank"):
         trainer.prepare_data = _prepare_then_truncate(trainer.prepare_data, settings["truncate_a_shard_of_rank"])
+    if settings.get("slow_rank0_phases") and rank == 0:
+        _slow_down_rank0_phases(settings["slow_rank0_phases"])
+    if settings.get("fail_on_rank") == rank:
+        trainer._train_step = _failing_step(trainer._train_step, settings["fail_at_step"])
+    if settings.get("device") == "cuda":
+        trainer._setup_backends = _exact_fp32
     trainer.train(dist_config(out, settings))
+
+
+def _slow_down_rank0_phases(seconds: float) -> None:
+    """Rank 0 takes ``seconds`` longer to write the shards and to evaluate (the others wait for it)."""
+    import clip_med.training.evaluation as evaluation
+    import clip_med.training.trainer as trainer
+
+    def slower(function):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds)
+            return function(*args, **kwargs)
+        return wrapped
+
+    trainer.prepare_shards = slower(trainer.prepare_shards)
+    evaluation._evaluate = slower(evaluation._evaluate)
+
+
+def _failing_step(step, at_step: int):
+    def failing(run, group):
+        if run.state.step + 1 == at_step:
+            raise RuntimeError("injected failure in a training step")
+        return step(run, group)
+
+    return failing
+
+
+def _exact_fp32(info) -> None:
+    """No TF32 (the trainer's CUDA default): the comparison with the reference is at fp32's precision."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def _prepare_then_truncate(prepare, victim: int):
@@ -118,12 +166,14 @@ def _prepare_then_truncate(prepare, victim: int):
 # The test side
 
 
-def _launch(out: Path, settings: dict) -> None:
+def _launch(out: Path, settings: dict, succeeds: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                __file__, str(out), json.dumps(settings)]
+    # (a hang guard only: the runs take a minute or two on a loaded 2-core machine)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert (result.returncode == 0) == succeeds, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
 
 
 def _samples_by_key(urls: list[str]) -> dict[str, dict]:
@@ -146,7 +196,8 @@ def _reference_params(out: Path, settings: dict, rank_steps: list[list]) -> dict
     cfg.run_dir = str(out / "reference")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    run, shard_set, _ = trainer._build_run(cfg, distributed.DistInfo(), Path(cfg.run_dir))
+    device = torch.device("cuda", 0) if settings.get("device") == "cuda" else torch.device("cpu")
+    run, shard_set, _ = trainer._build_run(cfg, distributed.DistInfo(device=device), Path(cfg.run_dir))
     samples = _samples_by_key(shard_set.urls("train"))
     total = len(rank_steps[0])
     scheduler = create_scheduler(run.parts.optimizer, cfg.optim, total)
@@ -164,7 +215,8 @@ def _reference_params(out: Path, settings: dict, rank_steps: list[list]) -> dict
         scheduler(step)
         loss = forward_backward(run.parts, micro)
         (apply_update if bool(finite_flag(run.parts, loss)) else skip_update)(run.parts)
-    return run.bundle.model.state_dict()
+    run.stream.close()
+    return {name: value.cpu() for name, value in run.bundle.model.state_dict().items()}
 
 
 def _check_two_ranks(tmp_path: Path, settings: dict) -> None:
@@ -173,14 +225,17 @@ def _check_two_ranks(tmp_path: Path, settings: dict) -> None:
     _launch(out, settings)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the rank processes
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    _exact_fp32(None)
     try:
         _compare(out, settings)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _compare(out: Path, settings: dict) -> None:
-    params = [torch.load(out / f"params-rank{rank}.pt", weights_only=True) for rank in range(2)]
+    params = [torch.load(out / f"params-rank{rank}.pt", weights_only=True, map_location="cpu") for rank in range(2)]
     steps = [json.loads((out / f"steps-rank{rank}.json").read_text()) for rank in range(2)]
     cfg = dist_config(out, settings)
 
@@ -201,30 +256,36 @@ def _compare(out: Path, settings: dict) -> None:
 
     # The same as one process training on the global batch.
     reference = _reference_params(out, settings, steps)
+    rtol, atol = (1e-3, 1e-4) if settings.get("device") == "cuda" else (1e-4, 2e-5)  # GPU kernels sum in other orders
     for name, value in params[0].items():
-        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=2e-5, msg=name)
-    final = torch.load(sorted((out / "run" / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+        torch.testing.assert_close(value, reference[name], rtol=rtol, atol=atol, msg=name)
+    final = torch.load(sorted((out / "run" / "checkpoints").glob("*.pt"))[-1], weights_only=True, map_location="cpu")
     assert final["train_state"]["step"] == len(steps[0]) and final["world_size"] == 2
     for name, value in final["state_dict"].items():
         assert torch.equal(value, params[0][name]), name
 
-    # Only rank 0 wrote metrics: one line per step.
+    # Only rank 0 wrote metrics: one line per logged step.
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, len(steps[0]) + 1))
+    every = settings.get("log_every_steps", 1)
+    logged = [step for step in range(1, len(steps[0]) + 1) if step % every == 0 or step % per_epoch == 0]
+    assert [row["step"] for row in rows if "train/loss" in row] == logged
 
 
-def test_two_gloo_ranks_match_one_process_and_split_the_data(tmp_path):
-    _check_two_ranks(tmp_path, {"loss": "clip", "epochs": 2})
+@pytest.mark.parametrize("log_every_steps", [1, 100])
+def test_two_gloo_ranks_match_one_process_and_split_the_data(tmp_path, log_every_steps):
+    _check_two_ranks(tmp_path, {"loss": "clip", "epochs": 2, "log_every_steps": log_every_steps})
 
 
 def test_two_ranks_with_siglip_accumulation_and_grad_checkpointing(tmp_path):
     _check_two_ranks(tmp_path, {"loss": "siglip", "epochs": 2, "accum_freq": 2, "grad_checkpointing": True})
 
 
-def test_a_rank_that_runs_short_of_data_ends_the_epoch_for_all_without_hanging(tmp_path):
+@pytest.mark.parametrize("log_every_steps", [1, 100])  # the agreed flags read at once, or one step late
+def test_a_rank_that_runs_short_of_data_ends_the_epoch_for_all_without_hanging(tmp_path, log_every_steps):
     out = tmp_path / "job"
     out.mkdir()
-    _launch(out, {"loss": "clip", "epochs": 2, "workers": 1, "truncate_a_shard_of_rank": 1})
+    _launch(out, {"loss": "clip", "epochs": 2, "workers": 1, "truncate_a_shard_of_rank": 1,
+                  "log_every_steps": log_every_steps})
     steps = [json.loads((out / f"steps-rank{rank}.json").read_text()) for rank in range(2)]
     # 64 pairs in 4 shards of 16, batches of 8, one worker per rank: 4 steps per epoch planned. The rank holding
     # the half shard (rank 1 in epoch 1) has 3 batches, so both ranks end each epoch after 3 steps.
@@ -232,8 +293,83 @@ def test_a_rank_that_runs_short_of_data_ends_the_epoch_for_all_without_hanging(t
     report = json.loads((out / "run" / "report.json").read_text())
     assert report["step"] == 6
     assert report["data_errors"]["bad_shard"] == 2  # once per epoch; in epoch 1 counted on rank 1, logged by rank 0
-    log = (out / "run" / "metrics.jsonl").read_text()
-    assert '"train/data_errors": 0' not in log.splitlines()[-2]
+    if log_every_steps == 1:
+        log = (out / "run" / "metrics.jsonl").read_text()
+        assert '"train/data_errors": 0' not in log.splitlines()[-2]
+
+
+# ---------------------------------------------------------------------------------------------
+# No hang: rank 0's long work, a failing rank
+
+
+def test_rank0_work_longer_than_the_collective_timeout_does_not_end_the_run(tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    # Collectives time out after 15 s; rank 0 takes 20 s longer to write the shards and to evaluate. The other
+    # rank waits through the store (trainer.dist_phase_timeout_minutes), not in a collective.
+    _launch(out, {"epochs": 1, "dist_timeout_minutes": 0.25, "slow_rank0_phases": 20})
+    report = json.loads((out / "run" / "report.json").read_text())
+    assert report["step"] == 4 and "zero_shot" in report
+
+
+@pytest.mark.parametrize("failure", [
+    {"resume": "/nonexistent/step-00000003.pt", "expected": "rank 0: FileNotFoundError: resume=/nonexistent/step-"
+                                                            "00000003.pt: no such checkpoint file or run folder",
+     "heard_by": 1},
+    {"fail_on_rank": 1, "fail_at_step": 2, "expected": "rank 1: RuntimeError: injected failure in a training step",
+     "heard_by": 0},
+], ids=["rank0-bad-resume", "rank1-step-error"])
+def test_a_failing_rank_ends_the_other_with_its_message(tmp_path, failure):
+    out = tmp_path / "job"
+    out.mkdir()
+    settings = {key: value for key, value in failure.items() if key not in ("expected", "heard_by")}
+    # The collectives' own timeout stays at 30 minutes: only the failure's message can end the other rank in time.
+    result = _launch(out, {"epochs": 1, **settings}, succeeds=False)
+    output = result.stdout + result.stderr
+    assert f"[rank{failure['heard_by']}] ERROR clip_med.core.store_sync: stopping: {failure['expected']}" in output, \
+        output[-6000:]
+
+
+def test_store_barrier_waits_for_every_rank_and_ends_with_a_failure():
+    from torch.distributed import HashStore
+
+    from clip_med.core.store_sync import PeerFailure, announce_failure, first_failure, store_barrier
+
+    store = HashStore()
+
+    def fail(message):
+        raise PeerFailure(message)
+
+    store.add("b0", 1)  # the other rank arrived first
+    store_barrier(store, "b0", 2, timeout_s=5, what="test", on_failure=fail)
+    with pytest.raises(TimeoutError, match="waited 0 minutes.*dist_phase_timeout_minutes"):
+        store_barrier(store, "b1", 2, timeout_s=0.05, what="test", on_failure=fail)
+    first = announce_failure(store, 1, 2, ValueError("bad input"), wait_s=0.0)
+    assert first == first_failure(store) == "rank 1: ValueError: bad input"
+    assert announce_failure(store, 0, 2, RuntimeError("connection closed"), wait_s=0.0) == first  # the first stays
+    with pytest.raises(PeerFailure, match="rank 1: ValueError: bad input"):
+        store_barrier(store, "b2", 2, timeout_s=5, what="test", on_failure=fail)
+
+
+@pytest.mark.parametrize("stops_in_time", [False, True])
+def test_the_failure_watch_ends_a_rank_that_stays_stuck(stops_in_time):
+    import threading
+
+    from torch.distributed import HashStore
+
+    from clip_med.core.store_sync import ACKNOWLEDGED, FailureWatch, announce_failure
+
+    store, exits = HashStore(), []
+    announce_failure(store, 1, 2, RuntimeError("out of memory"), wait_s=0.0)
+    watch = FailureWatch(store, 0, threading.Event(), poll_s=0.01, grace_s=0.2 if not stops_in_time else 30,
+                         exit_process=exits.append)
+    watch.start()
+    while not int(store.add(ACKNOWLEDGED, 0)):  # the watch heard of rank 1's failure
+        time.sleep(0.01)
+    if stops_in_time:
+        watch.stop()  # the rank's own error ended it first
+    watch.join()
+    assert exits == ([] if stops_in_time else [1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +429,13 @@ def test_cuda_mixed_precision_training_and_resume(tmp_path, precision):
     resumed.trainer.device, resumed.trainer.precision, resumed.trainer.epochs = "cuda", precision, 3
     resumed.resume = "latest"
     assert train(resumed)["step"] == 18
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_two_nccl_ranks_with_accumulation_match_one_cuda_process(tmp_path, loss):
+    _check_two_ranks(tmp_path, {"loss": loss, "epochs": 2, "accum_freq": 2, "device": "cuda"})
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def test_non_finite_steps_are_skipped_on_the_device_read_a_step_late_and_five_in
     checkpoints = {load_checkpoint(path)["train_state"]["step"]: load_checkpoint(path)
                    for path in list_checkpoints(cfg.run_dir)}
     assert sorted(checkpoints) == [4, 6, 8]
-    updates = {step: int(float(next(iter(c["optimizer"]["state"].values()))["step"])) for step, c in checkpoints.items()}
+    updates = {step: int(float(next(iter(checkpoint["optimizer"]["state"].values()))["step"]))
+               for step, checkpoint in checkpoints.items()}
     assert updates == {4: 3, 6: 3, 8: 3}  # steps 1, 3, 4 applied; 2 and 5-8 skipped
     assert checkpoints[8]["train_state"]["nonfinite_skipped"] == 5
     for name, _ in _tiny_parts().raw.named_parameters():  # skipped steps changed no weight (BatchNorm's statistics

@@ -227,9 +227,15 @@ def test_lora_checkpoint_is_small_and_resumes_exactly(tmp_path, monkeypatch):
     assert lora_size * 20 < full_weights, (lora_size, full_weights)
 
 
-def test_lora_checkpoint_rebuilds_merged_and_refuses_another_base(tmp_path):
-    cfg = _lora_config(tmp_path / "run", epochs=1)
+@pytest.fixture(scope="module")
+def one_epoch_lora_run(tmp_path_factory):
+    cfg = _lora_config(tmp_path_factory.mktemp("lora") / "run", epochs=1)
     train(cfg)
+    return cfg
+
+
+def test_lora_checkpoint_rebuilds_merged_and_refuses_another_base(one_epoch_lora_run):
+    cfg = one_epoch_lora_run
     path = latest_checkpoint(cfg.run_dir)
     trained = create_model(cfg.model).model.eval()
     load_trained_state(trained, load_checkpoint(path))
@@ -267,9 +273,8 @@ torch.save(found, result)
 """.replace("__TEXTS__", repr(TEXTS))
 
 
-def test_lora_export_loads_in_plain_open_clip_without_peft(tmp_path):
-    cfg = _lora_config(tmp_path / "run", epochs=1)
-    train(cfg)
+def test_lora_export_loads_in_plain_open_clip_without_peft(one_epoch_lora_run, tmp_path):
+    cfg = one_epoch_lora_run
     out = export_checkpoint(ExportConfig(checkpoint=cfg.run_dir, out=str(tmp_path / "exported")))
     info = json.loads((out / "export_info.json").read_text())
     assert info["lora_merged"]["r"] == 4 and info["tokenizer_files"] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -35,6 +36,7 @@ from clip_med.data.sources.medmnist import MedMnistSourceConfig
 from clip_med.data.sources.pcam import PcamSourceConfig
 from clip_med.data.sources.rsna import RsnaSourceConfig
 from clip_med.data.writer import ShardConfig, write_shards
+from clip_med.eval.datasets import ShardsData, open_data, real_captions
 from clip_med.eval.evaluator import EvalConfig
 from clip_med.eval.zero_shot import label_prompts
 from clip_med.inference.evaluation import EvaluateConfig, evaluate_checkpoint
@@ -147,6 +149,57 @@ def test_medmnist_refuses_object_arrays_and_marks_bad_labels(tmp_path):
     records = read_source(MedMnistSourceConfig(root=str(tmp_path), subset="pneumoniamnist"))["train"]
     assert records[0].problem is None and records[0].labels["pneumoniamnist"] == "pneumonia"
     assert records[1].problem == SkipReason.BAD_ROW and "class 12" in records[1].problem_detail
+
+
+def _replace(path: Path, write) -> None:
+    """Replace ``path`` as a download would (a new file renamed over it), one second newer."""
+    old = path.stat()
+    fresh = path.with_name("fresh-" + path.name)
+    write(fresh)
+    os.replace(fresh, path)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+
+
+def _medmnist_file(root: Path):
+    """A MedMNIST file, its config, its test images and how to write it again with the images inverted."""
+    path = make_medmnist(root, "pathmnist", {"test": 4}, compressed=False)
+    arrays = dict(np.load(path))
+
+    def write_inverted(target: Path) -> None:
+        np.savez(target, test_images=255 - arrays["test_images"], test_labels=arrays["test_labels"])
+
+    return path, MedMnistSourceConfig(root=str(root), subset="pathmnist"), arrays["test_images"], write_inverted
+
+
+def _pcam_file(root: Path):
+    import h5py
+
+    make_pcam(root, {"test": 4})
+    path = root / "camelyonpatch_level_2_split_test_x.h5"
+    with h5py.File(path) as handle:
+        pixels = handle["x"][:]
+
+    def write_inverted(target: Path) -> None:
+        with h5py.File(target, "w") as handle:
+            handle.create_dataset("x", data=255 - pixels, chunks=(1, 96, 96, 3), compression="gzip")
+
+    return path, PcamSourceConfig(root=str(root)), pixels, write_inverted
+
+
+@pytest.mark.parametrize("make", [_medmnist_file, _pcam_file])
+def test_a_replaced_array_file_is_resharded_with_its_new_pixels(tmp_path, make):
+    path, source, pixels, write_inverted = make(tmp_path / "data")
+
+    def shard() -> tuple[str, np.ndarray]:
+        found = _shard(read_source(source)["test"], tmp_path / "shards")
+        manifest = json.loads((tmp_path / "shards" / "test.manifest.json").read_text())
+        return manifest["fingerprint"], found["test-000002"][1]
+
+    first, image = shard()
+    assert np.array_equal(image, pixels[2]) and shard()[0] == first  # unchanged: the same fingerprint
+    _replace(path, write_inverted)
+    second, image = shard()
+    assert second != first and np.array_equal(image, 255 - pixels[2])  # resharded, read through a fresh handle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,3 +356,14 @@ def test_evaluate_scores_a_benchmark_sets_own_classes(tmp_path):
     records = json.loads((tmp_path / "eval" / "clip_benchmark.json").read_text())
     assert {(record["dataset"], record["task"]) for record in records} >= {
         ("medmnist/test/pneumoniamnist", "zeroshot_classification"), ("medmnist/test/pneumoniamnist", "linear_probe")}
+    # captions made from class names: no retrieval, neither here nor on the shards read back
+    assert "retrieval" not in report and all(record["task"] != "zeroshot_retrieval" for record in records)
+    assert "## Retrieval" not in (tmp_path / "eval" / "report.md").read_text()
+    assert open_data(ShardsData(dir=report["shards"], split="test"), ShardConfig()).retrieval is False
+
+
+def test_only_sources_with_real_captions_get_retrieval():
+    flagged = {name for name, spec in all_sources().items() if spec.config_class.captions_from_class_names}
+    assert flagged == {*NEW_SOURCES, "class_folders"}
+    assert real_captions("medpix") and real_captions("roco") and real_captions("not-registered")
+    assert not real_captions("pcam")

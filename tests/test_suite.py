@@ -21,6 +21,8 @@ import clip_med.cli.benchmark  # noqa: F401  (registers the benchmark and suite 
 from clip_med.cli.config import CONF_DIR, to_object
 from clip_med.data.writer import ShardConfig
 from clip_med.eval import suite as suite_eval
+from clip_med.eval import suite_report
+from clip_med.eval.embeddings import Embedded
 from clip_med.eval.evaluator import EvalConfig
 from clip_med.eval.suite import SuiteConfig, SuiteOptions, SuiteSet, few_shot_rows, multilabel_metrics, plan_cells
 from clip_med.inference import benchmark
@@ -43,6 +45,7 @@ def test_a_set_of_several_tasks_is_one_data_set_per_task_and_a_multilabel_set_is
     assert [cell.method for cell in plan_cells("roco", SuiteSet(), [], True, options)] == ["retrieval"]
     assert plan_cells("x", SuiteSet(retrieval=False, few_shot=False), ["pathmnist"], True, options)[-1].method \
         == "linear_probe"
+    assert "retrieval" not in [cell.method for cell in plan_cells("x", SuiteSet(), ["pathmnist"], False, options)]
     with pytest.raises(ValueError, match="at least 1"):
         plan_cells("x", SuiteSet(), ["pathmnist"], False, SuiteOptions(few_shot_ks=[0]))
 
@@ -87,7 +90,8 @@ def test_every_suite_composes_and_its_sources_are_valid(suite, monkeypatch):
         source = source_config(name, set_cfg.source)
         assert source.root == "/data/x"
         tasks = suite_eval.set_tasks(set_cfg, source.class_tasks())
-        assert plan_cells(name, set_cfg, tasks, not source.class_tasks(), cfg)
+        cells = plan_cells(name, set_cfg, tasks, not source.captions_from_class_names, cfg)
+        assert cells and (any(cell.method == "retrieval" for cell in cells) == (name in ("roco", "medpix")))
 
 
 def test_medmnist_size_comes_from_the_environment(monkeypatch):
@@ -202,10 +206,14 @@ def test_a_suite_writes_every_cell_the_csv_the_table_and_the_plot_and_resumes_af
     assert len(main_rows) == total
     table = run.paths["md"].read_text()
     assert "| run_a/step-00000005 | run_b/step-00000005 |" in table
-    for line in ("| zero-shot | all | 3 |", "| zero-shot | pathology | 2 |", "| zero-shot | radiology | 1 |",
-                 "| linear probe | all | 2 |", "| 2-shot | all | 1 |", "| retrieval | all | 1 |",
-                 "| medpix | radiology | acc1 |"):
+    for line in ("| zero-shot | top-1 accuracy | all | 3 |", "| zero-shot | top-1 accuracy | pathology | 2 |",
+                 "| zero-shot | mean per-class recall | radiology | 1 |",
+                 "| linear probe | top-1 accuracy | all | 2 |", "| 2-shot | mean per-class recall | all | 1 |",
+                 "| retrieval | mean recall@k (both directions) | all | 1 |",
+                 "| medpix | radiology | top-1 accuracy |", "| pathmnist | pathology | mean per-class recall |",
+                 "- lc25000_colon: LC25000 has no published split", "fixed at 1.0"):
         assert line in table, line
+    assert " ± " in table.split("## 2-shot")[1].split("\n## ")[0]  # k-shot: mean ± std over the seeds
     assert Image.open(run.paths["plot"]).format == "PNG"
 
     def refuse_to_load(*args, **kwargs):
@@ -239,9 +247,14 @@ def test_a_changed_option_rescores_only_what_depends_on_it_and_an_unreadable_set
 
 
 def test_a_model_that_cannot_be_loaded_stops_the_run(fixtures, tmp_path):
-    root, _, suite = fixtures
-    with pytest.raises(ValueError, match="model .*nope.pt"):
-        run_benchmark(_config(root, [str(tmp_path / "nope.pt")], suite, tmp_path / "bench"))
+    root, models, suite = fixtures
+    garbage = tmp_path / "nope.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="model .*nope.pt cannot be loaded: "):
+        run_benchmark(_config(root, [garbage.as_posix()], suite, tmp_path / "bench"))
+    with pytest.raises(FileNotFoundError, match="model .*gone.pt: .* does not exist"):  # before the first model runs
+        run_benchmark(_config(root, [models[0], str(tmp_path / "gone.pt")], suite, tmp_path / "bench"))
+    assert not (tmp_path / "bench").exists()
 
 
 def test_models_must_be_given():
@@ -249,3 +262,106 @@ def test_models_must_be_given():
         benchmark.model_list("???")
     with pytest.raises(ValueError, match="twice"):
         benchmark.model_list(["a.pt", "a.pt"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary: one metric at a time; the CSV: everything
+
+
+def _record(model: str, dataset: str, kind: str, method: str, metrics: dict, k: int = -1, error: str = "") -> dict:
+    cell = suite_eval.Cell(dataset, dataset, ("t",), kind, method, k)
+    return suite_eval.cell_record(cell, metrics, model, model, {"model_label": model, "modality": "radiology",
+                                                                **({"error": error} if error else {})})
+
+
+def test_the_summary_never_averages_an_accuracy_with_an_auroc_and_the_csv_keeps_every_cell():
+    records = [_record(model, "organamnist", "multiclass", "zero_shot", {"acc1": acc, "mean_per_class_recall": 0.5,
+                                                                          "acc5": None, "n": 10})
+               for model, acc in (("a", 0.9), ("b", 0.7))]
+    records += [_record(model, "chestmnist", "multilabel", "zero_shot", {"auroc": auroc, "auroc/edema": auroc})
+                for model, auroc in (("a", 0.5), ("b", 0.6))]
+    records += [_record("a", "pneumoniamnist", "multiclass", "zero_shot", {}, error="one class only"),
+                _record("a", "organamnist", "multiclass", "few_shot", {"lp_acc1": 0.4, "lp_acc1_std": 0.05,
+                                                                       "lp_mean_per_class_recall": 0.3,
+                                                                       "C": [1.0, 1.0], "seeds": [0, 1]}, k=1)]
+    models = ["a", "b"]
+    rows = {(row.family, row.metric, row.modality): (row.count, row.means)
+            for row in suite_report.summary(suite_report.table_by_family(records, models), models)}
+    assert rows[("zero-shot", "top-1 accuracy", "all")] == (1, [0.9, 0.7])  # not (0.9 + 0.5) / 2
+    assert rows[("zero-shot", "mean AUROC over findings", "all")] == (1, [0.5, 0.6])
+    assert rows[("zero-shot", "mean per-class recall", "all")] == (1, [0.5, 0.5])
+    assert ("1-shot", "top-1 accuracy", "all") not in rows  # model b has no 1-shot number
+    table = suite_report.render_markdown("t", records, models, {}, {})
+    assert "| chestmnist | radiology | mean AUROC over findings | 0.500 | **0.600** |" in table
+    assert "| organamnist | radiology | top-1 accuracy | 0.400 ± 0.050 | – |" in table
+    assert "- a / pneumoniamnist / zero-shot: one class only" in table
+
+    csv_rows = [dict(zip(suite_report.CSV_COLUMNS, row)) for row in suite_report.csv_rows(records)]
+    assert len(csv_rows) == 2 * 4 + 2 * 2 + 1 + 5  # every metric of every cell, and the cell without a result
+    failed = next(row for row in csv_rows if row["dataset"] == "pneumoniamnist")
+    assert (failed["metric"], failed["value"], failed["error"]) == ("acc1", "", "one class only")
+    few = {row["metric"]: row for row in csv_rows if row["family"] == "1-shot"}
+    assert few["C"]["value"] == "[1.0, 1.0]" and few["lp_acc1"]["metric_name"] == "top-1 accuracy"
+    assert few["lp_acc1"]["headline"] and few["lp_acc1"]["main"] and not few["lp_acc1_std"]["headline"]
+    assert next(row for row in csv_rows if row["metric"] == "auroc/edema")["kind"] == "multilabel"
+
+
+def _embedded(labels: list[str], seed: int) -> Embedded:
+    rng = np.random.default_rng(seed)
+    centres = {label: rng.normal(size=16) for label in sorted(set(labels))}
+    image = np.stack([centres[label] + rng.normal(scale=0.3, size=16) for label in labels]).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    ids = [f"{seed}-{index}" for index in range(len(labels))]
+    return Embedded(ids=ids, image=image, text=image, texts=ids, labels={"modality": labels}, groups=ids)
+
+
+def test_few_shot_c_is_cross_validated_where_it_can_be_and_fixed_at_k_1():
+    labels = ["ct", "mr", "xray"] * 8
+    data = suite_eval.SetEmbeddings(_embedded(labels[:9], 1), _embedded(labels, 2))
+    eval_cfg = EvalConfig(probe_Cs=[0.1, 1.0, 10.0], probe_folds=2)
+    options = SuiteOptions(few_shot_ks=[1, 3], few_shot_seeds=2)
+
+    def few_shot(k: int) -> dict:
+        cell = suite_eval.Cell("x", "x", ("modality",), suite_eval.MULTICLASS, "few_shot", k)
+        return suite_eval.compute_cell(cell, data, lambda *_: np.zeros(0), eval_cfg, options)
+
+    one = few_shot(1)
+    assert one["C"] == [1.0, 1.0] and one["C_chosen_by"] == ["fixed", "fixed"] and one["n_train"] == 3
+    three = few_shot(3)
+    assert three["C_chosen_by"] == ["cross-validation"] * 2 and all(c in (0.1, 1.0, 10.0) for c in three["C"])
+    assert 0 <= three["lp_acc1"] <= 1 and "lp_acc1_std" in three
+
+
+# ---------------------------------------------------------------------------------------------
+# What a rerun looks at; the user's mistakes
+
+
+def test_a_replaced_array_file_changes_the_cells_fingerprint(tmp_path):
+    path = make_medmnist(tmp_path, "pathmnist", {"test": 3})
+    source = source_config("p", {"name": "medmnist", "root": str(tmp_path), "subset": "pathmnist"})
+    before = benchmark.data_state(source)
+    assert before == benchmark.data_state(source) and before[0][0][0] == "pathmnist.npz"
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert benchmark.data_state(source) != before
+
+
+def test_model_names_and_missing_models_are_refused_before_any_work(tmp_path):
+    assert benchmark.model_source("ViT-B-16@laion2b_s34b_b88k") == ("ViT-B-16", "laion2b_s34b_b88k")
+    assert benchmark.model_source("hf-hub:org/repo") == ("hf-hub:org/repo", None)
+    odd = tmp_path / "run@1.pt"
+    odd.write_bytes(b"")
+    assert benchmark.model_source(str(odd)) == (str(odd), None)  # a file that exists is a file
+    with pytest.raises(FileNotFoundError, match="model .*missing.pt: .* does not exist"):
+        benchmark.check_models([str(odd), str(tmp_path / "missing.pt")])
+    with pytest.raises(FileNotFoundError, match="local-dir:"):
+        benchmark.check_models([f"local-dir:{tmp_path / 'no-export'}"])
+    benchmark.check_models(["ViT-B-16@openai", "hf-hub:org/repo", str(odd)])
+
+
+def test_an_empty_or_unknown_set_list_is_refused():
+    suite = SuiteConfig(name="s", sets={"a": SuiteSet()})
+    with pytest.raises(ValueError, match="sets=\\[\\] chooses no set"):
+        benchmark.chosen_sets(suite, [])
+    with pytest.raises(ValueError, match="suite s has no set\\(s\\) \\['b'\\]; it has a"):
+        benchmark.chosen_sets(suite, ["b"])

@@ -1,4 +1,4 @@
-"""``python -m clip_med.benchmark suite=<name> models=[<checkpoint|export|open_clip name>,...] [sets=[...]]``.
+"""``python -m clip_med.benchmark suite=<name> models=[<checkpoint|local-dir:export|hf-hub:name|arch@tag>,...]``.
 
 Scores every model on every data set of the suite (zero-shot, linear probe, k-shot probes,
 retrieval where the set has captions) and writes one CLIP_benchmark JSON per cell, results.csv,

@@ -39,6 +39,9 @@ class Record:
     origin: str = ""
     # How the source de-identified the record (one dict per source), recorded in the split's manifest.
     deidentification: dict[str, Any] = field(default_factory=dict)
+    # The file the image is read from when ``image`` is a locator inside it (a row of a .npz or HDF5
+    # array): its size and time enter the shard writer's fingerprint, so a replaced file is resharded.
+    input_file: str = ""
 
     @property
     def key(self) -> str:

@@ -105,7 +105,7 @@ def _file_state(record: Record) -> tuple:
     if record.decoder == "synthetic":
         return ()
     try:
-        stat = os.stat(record.image)
+        stat = os.stat(record.input_file or record.image)
     except OSError:
         return ("missing",)
     return (stat.st_size, stat.st_mtime_ns)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clip_med.data.shardset import ShardSet, open_shard_set
-from clip_med.data.sources import SourceConfig, get_source, read_source
+from clip_med.data.sources import SourceConfig, all_sources, get_source, read_source
 from clip_med.data.writer import ShardConfig, write_shards
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ class EvalData:
     source: str
     # The source's own class tasks (a benchmark set's, SourceConfig.class_tasks), evaluated beside eval.tasks.
     tasks: list[str] = dataclasses.field(default_factory=list)
+    # False when the source's captions are made from its class names (SourceConfig.captions_from_class_names):
+    # image-text retrieval on them measures nothing, so it is not reported.
+    retrieval: bool = True
 
 
 def eval_shard_config(shards: ShardConfig, pixel_options: dict[str, Any] | None) -> ShardConfig:
@@ -98,6 +101,13 @@ def prepare_source(data: SourceConfig, shards: ShardConfig) -> EvalData:
                                tasks=source.class_tasks())
 
 
+def real_captions(source: str) -> bool:
+    """Whether the source ``source`` (a name; an unregistered one counts as captioned) has real captions."""
+    spec = all_sources().get(source)
+    config_class = spec.config_class if spec is not None else SourceConfig
+    return not (issubclass(config_class, SourceConfig) and config_class.captions_from_class_names)
+
+
 def _resolve(shard_set: ShardSet, split: str | None, train_split: str | None, source: str) -> EvalData:
     if train_split and train_split not in shard_set.splits:
         train_split = None
@@ -105,7 +115,7 @@ def _resolve(shard_set: ShardSet, split: str | None, train_split: str | None, so
     if chosen == train_split:
         log.warning("evaluating on the training split %r itself: no linear probe", chosen)
         train_split = None
-    return EvalData(shard_set, chosen, train_split, source)
+    return EvalData(shard_set, chosen, train_split, source, retrieval=real_captions(source))
 
 
 def open_data(data: Any, shards: ShardConfig) -> EvalData:

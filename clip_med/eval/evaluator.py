@@ -71,8 +71,10 @@ def _known(labels: Sequence[str], classes: list[str]) -> np.ndarray:
 
 def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: torch.device,
                         held_out: Embedded, train: Embedded | None, cfg: EvalConfig,
-                        predictions: dict[tuple[str, str], Predictions] | None = None) -> dict[str, Any]:
-    """The report; pass a dict as ``predictions`` to also get per-image probabilities by (method, task)."""
+                        predictions: dict[tuple[str, str], Predictions] | None = None,
+                        retrieval: bool = True) -> dict[str, Any]:
+    """The report; pass a dict as ``predictions`` to also get per-image probabilities by (method, task).
+    ``retrieval=False``: no retrieval section (captions made from class names, where it measures nothing)."""
     report: dict[str, Any] = {"n_images": len(held_out), "zero_shot": {}, "linear_probe": {}}
     for task in cfg.tasks:
         classes = task_labels(train.labels[task] if train else held_out.labels[task])
@@ -105,7 +107,8 @@ def evaluate_embeddings(model: torch.nn.Module, tokenizer: Callable, device: tor
                     held_out, task, classes, functools.partial(_in_class_order, probe, classes))
             if predictions is not None:
                 predictions["linear_probe", task] = Predictions(ids, y_true, classes, probe.probs)
-    report["retrieval"] = retrieval_metrics(held_out.image, held_out.text, cfg.recall_ks)
+    if retrieval:
+        report["retrieval"] = retrieval_metrics(held_out.image, held_out.text, cfg.recall_ks)
     return report
 
 

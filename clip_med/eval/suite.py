@@ -9,13 +9,21 @@ options (:class:`SuiteSet`). For one model and one set, the cells are:
   logistic regression, ``C`` by cross-validation grouped by case) on the whole training split;
 * ``few_shot`` (one cell per ``k``): the same flow on ``k`` training images per class, drawn
   with seeds ``0 .. few_shot_seeds - 1``; the metrics are averaged over the seeds (with their
-  standard deviation);
-* ``retrieval``: image <-> text recall@k, for sets of captioned pairs (not for sets whose
-  captions are made from class names).
+  standard deviation). ``C`` is chosen by cross-validation on the k-shot sample itself, which
+  needs two images of every class: at ``k = 1`` it is fixed at 1.0 (scikit-learn's default; each
+  cell records ``C`` per seed and ``C_chosen_by``: ``cross-validation`` or ``fixed``);
+* ``retrieval``: image <-> text recall@k, for sets of captioned pairs only: never for a source
+  whose captions are made from class names
+  (:attr:`clip_med.data.sources.SourceConfig.captions_from_class_names`).
 
 A set of several single-label tasks (MedPix: modality, anatomy) gives one data set per task
 (``medpix/modality``); a multi-label set (CheXpert, ChestMNIST: one binary task per finding) is
 one data set scored per finding, with the mean AUROC as its main number.
+
+Each cell has *headline* metrics (:func:`headline_metrics`), the numbers the summary tables
+compare: top-1 accuracy and mean per-class recall for a single-label data set, the mean AUROC
+over the findings for a multi-label one, the mean recall@k for retrieval (``lp_`` before the
+names for probes). The first is the cell's main metric.
 
 Every cell is written as one CLIP_benchmark result (``dataset``, ``model``, ``pretrained``,
 ``task``, ``metrics``, ``language``; ``fewshot_k`` for probes as CLIP_benchmark writes it, -1 for
@@ -38,7 +46,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from clip_med.core.bounds import bounded
 from clip_med.eval.clip_benchmark import top_k_accuracy
 from clip_med.eval.embeddings import Embedded
-from clip_med.eval.evaluator import EvalConfig, Predictions, run_linear_probe, task_labels
+from clip_med.eval.evaluator import EvalConfig, Predictions, ProbeRun, run_linear_probe, task_labels
 from clip_med.eval.metrics import classification_metrics
 from clip_med.eval.retrieval import retrieval_metrics
 from clip_med.eval.zero_shot import zero_shot_probabilities
@@ -66,7 +74,7 @@ class SuiteSet:
     zero_shot: bool = True
     linear_probe: bool = True
     few_shot: bool = True
-    retrieval: Optional[bool] = None  # None: where the captions are not made from class names
+    retrieval: bool = True  # image-text retrieval, where the source's captions are not made from class names
     prompt_templates: dict[str, list[str]] = field(default_factory=dict)  # task -> templates ("... {} ...")
 
 
@@ -108,11 +116,31 @@ class Cell:
         return f"{self.dataset.replace('/', '--')}.{self.method}{self.k if self.method == 'few_shot' else ''}.json"
 
     @property
+    def headline_metrics(self) -> list[str]:
+        return headline_metrics(self.kind, self.method)
+
+    @property
     def main_metric(self) -> str:
-        prefix = "lp_" if self.method in ("linear_probe", "few_shot") else ""
-        if self.kind == RETRIEVAL:
-            return "mean_recall"
-        return prefix + ("auroc" if self.kind == MULTILABEL else "acc1")
+        return self.headline_metrics[0]
+
+
+# The headline metrics (without the probes' "lp_") and what the report calls them.
+METRIC_NAMES = {"acc1": "top-1 accuracy", "mean_per_class_recall": "mean per-class recall",
+                "auroc": "mean AUROC over findings", "mean_recall": "mean recall@k (both directions)"}
+
+
+def headline_metrics(kind: str, method: str) -> list[str]:
+    """The metrics the summary compares for a cell of ``kind`` scored by ``method``; the first is its main one."""
+    if kind == RETRIEVAL:
+        return ["mean_recall"]
+    prefix = "lp_" if method in ("linear_probe", "few_shot") else ""
+    names = ["auroc"] if kind == MULTILABEL else ["acc1", "mean_per_class_recall"]
+    return [prefix + name for name in names]
+
+
+def metric_name(metric: str) -> str:
+    """What the report calls a headline metric (``lp_acc1``: top-1 accuracy)."""
+    return METRIC_NAMES.get(metric.removeprefix("lp_"), metric)
 
 
 def set_tasks(set_cfg: SuiteSet, class_tasks: list[str]) -> list[str]:
@@ -121,7 +149,8 @@ def set_tasks(set_cfg: SuiteSet, class_tasks: list[str]) -> list[str]:
 
 def plan_cells(name: str, set_cfg: SuiteSet, tasks: Sequence[str], captioned: bool,
                options: SuiteOptions) -> list[Cell]:
-    """The cells of one set, in a fixed order (zero-shot, probe, k-shot per task group, then retrieval)."""
+    """The cells of one set, in a fixed order (zero-shot, probe, k-shot per task group, then retrieval:
+    only where ``captioned``, the source's captions being real ones)."""
     multilabel = bool(tasks) and all(benchmarks.is_finding(task) for task in tasks)
     groups = [(name, tuple(tasks), MULTILABEL)] if multilabel else [
         (name if len(tasks) == 1 else f"{name}/{task}", (task,), MULTICLASS) for task in tasks]
@@ -135,7 +164,7 @@ def plan_cells(name: str, set_cfg: SuiteSet, tasks: Sequence[str], captioned: bo
             cells.append(Cell(name, dataset, group, kind, "linear_probe"))
         if set_cfg.few_shot:
             cells += [Cell(name, dataset, group, kind, "few_shot", k) for k in options.few_shot_ks]
-    if set_cfg.retrieval if set_cfg.retrieval is not None else captioned:
+    if set_cfg.retrieval and captioned:
         cells.append(Cell(name, name, (), RETRIEVAL, "retrieval"))
     return cells
 
@@ -246,27 +275,36 @@ def _zero_shot(cell: Cell, data: SetEmbeddings, weights: ClassWeights) -> dict[s
     return multiclass_metrics(y_true, probs, classes)
 
 
+def _chosen_by(runs: list[ProbeRun]) -> str:
+    """How ``C`` was set: by cross-validation, or fixed (one value in the grid, or too few images per class)."""
+    return "cross-validation" if all(run.fitted.cv_balanced_accuracy is not None for run in runs) else "fixed"
+
+
 def _probe(cell: Cell, train: Embedded, held_out: Embedded, eval_cfg: EvalConfig) -> dict[str, Any]:
     """The linear probe of one cell fitted on ``train`` (the whole split or a k-shot sample)."""
-    def fit(task: str, classes: list[str]):
+    def fit(task: str, classes: list[str]) -> ProbeRun:
         return run_linear_probe(task, classes, train, held_out, Cs=eval_cfg.probe_Cs, folds=eval_cfg.probe_folds,
                                 max_iter=eval_cfg.probe_max_iter)
 
     if cell.kind == MULTILABEL:
-        scored = {}
+        scored, runs = {}, {}
         for finding in cell.tasks:
             _, y_true = _labelled(held_out, finding, [NEGATIVE, POSITIVE])
             try:
-                scored[finding] = (y_true, fit(finding, [NEGATIVE, POSITIVE]).probs[:, 1])
+                runs[finding] = fit(finding, [NEGATIVE, POSITIVE])
             except ValueError as exc:  # one value only among the training images of this finding
                 log.warning("%s: %s probe not fitted (%s)", cell.dataset, finding, exc)
-        return {**multilabel_metrics(scored, "lp_"), "n_train": len(train)}
+                continue
+            scored[finding] = (y_true, runs[finding].probs[:, 1])
+        return {**multilabel_metrics(scored, "lp_"), "n_train": len(train),
+                "C_chosen_by": _chosen_by(list(runs.values())),
+                **{f"C/{finding}": run.fitted.C for finding, run in runs.items()}}
     task = cell.tasks[0]
     classes = class_list(task, SetEmbeddings(held_out, train))
     run = fit(task, classes)
     _, y_true = _labelled(held_out, task, classes)
     return {**multiclass_metrics(y_true, run.probs, classes, "lp_"), "C": run.fitted.C,
-            "n_train": run.metrics["n_train"]}
+            "C_chosen_by": _chosen_by([run]), "n_train": run.metrics["n_train"]}
 
 
 def _few_shot(cell: Cell, train: Embedded, held_out: Embedded, eval_cfg: EvalConfig,
@@ -283,11 +321,18 @@ def _few_shot(cell: Cell, train: Embedded, held_out: Embedded, eval_cfg: EvalCon
     return average_runs(runs, list(range(options.few_shot_seeds)))
 
 
+PER_SEED = ("C", "C_chosen_by")  # kept as one value per seed: a mean regularisation strength means nothing
+
+
 def average_runs(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """The mean of each numeric metric over the runs, its standard deviation as ``<name>_std``."""
+    """The mean of each numeric metric over the runs, its standard deviation as ``<name>_std``; ``C`` (and how
+    it was chosen) as the list of each run's."""
     metrics: dict[str, Any] = {"seeds": seeds}
     for key in runs[0]:
         values = [run.get(key) for run in runs]
+        if key.split("/")[0] in PER_SEED:
+            metrics[key] = values
+            continue
         numbers = [float(value) for value in values if isinstance(value, int | float) and not isinstance(value, bool)]
         if all(value is None for value in values):
             metrics[key] = None  # e.g. acc5 below five classes
@@ -331,5 +376,6 @@ def cell_record(cell: Cell, metrics: dict[str, Any], model: str, pretrained: str
     if cell.benchmark_task == "linear_probe":
         record["fewshot_k"] = cell.k
     record["clip_med"] = {"set": cell.set, "method": cell.method, "family": cell.family, "kind": cell.kind,
-                          "tasks": list(cell.tasks), "main_metric": cell.main_metric, **extra}
+                          "tasks": list(cell.tasks), "main_metric": cell.main_metric,
+                          "headline_metrics": cell.headline_metrics, **extra}
     return record

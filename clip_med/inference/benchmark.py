@@ -1,14 +1,16 @@
 """``python -m clip_med.benchmark suite=<name> models=[...]``: several models on every data set of a suite.
 
-For each model (anything :func:`clip_med.load` takes: a clip_med checkpoint, an export, an
-open_clip name) and each set of the suite (:mod:`clip_med.eval.suite`), the set is read by its
+For each model (anything :func:`clip_med.load` takes: a clip_med checkpoint, an export folder
+``local-dir:<folder>``, a hub model ``hf-hub:<org>/<repo>``, or an open_clip architecture with its
+pretrained tag, ``<architecture>@<tag>``) and each set of the suite (:mod:`clip_med.eval.suite`), the set is read by its
 source and sharded with the model's pixel options (as ``evaluate`` does, into
 ``<shards.root>/eval/<source>-<hash>``, shared by models with the same options), its held-out
 and training splits are embedded once, and every cell not yet on disk is scored and written at
 once (atomically) as ``<out>/results/<model>/<cell>.json``. A rerun skips the cells whose file
-exists and whose fingerprint (the set's config, the probe options, and the model file's size and
-time) still matches, without loading the model when nothing is left for it; an interrupted run
-therefore resumes. At the end ``results.csv``, ``results.md`` and ``results.png`` summarise every
+exists and whose fingerprint (the set's config, the probe options, the model file's size and
+time, and the size and time of the files at the top of the set's root: a replaced ``.npz`` or
+``.h5`` file is scored again) still matches, without loading the model when nothing is left for
+it; an interrupted run therefore resumes. At the end ``results.csv``, ``results.md`` and ``results.png`` summarise every
 cell of this run's models and sets (:mod:`clip_med.eval.suite_report`).
 
 A set that cannot be read (its root not set, a file missing) is reported, with the reason, in
@@ -48,7 +50,8 @@ SET_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError
 
 @dataclass
 class BenchmarkConfig(SuiteOptions):
-    models: Any = REQUIRED  # one model or a list: checkpoints, exports, open_clip names (what clip_med.load takes)
+    # One model or a list: checkpoints, local-dir:<export>, hf-hub:<org>/<repo>, <architecture>@<pretrained tag>.
+    models: Any = REQUIRED
     model_name: Optional[str] = None  # the open_clip architecture of plain state dicts
     device: str = "auto"
     suite: Any = None  # the suite (suite=<name>: conf/suite/<name>.yaml)
@@ -100,12 +103,50 @@ def model_folder(label: str, model: str) -> str:
     return f"{safe}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
-def model_state(spec: str) -> list[Any]:
-    """What a model file (or an export folder's files) looks like on disk: size and modification time, so
-    that a checkpoint written again at the same path is scored again; nothing for a hub or open_clip name."""
-    path = Path(spec.removeprefix("local-dir:")).expanduser()
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def model_source(spec: str) -> tuple[str, Optional[str]]:
+    """``(model, pretrained tag)``: ``<architecture>@<tag>`` names an open_clip model with its pretrained
+    weights (``ViT-B-16@laion2b_s34b_b88k``); anything else is passed to :func:`clip_med.load` as it is."""
+    if "@" in spec and not spec.startswith(("hf-hub:", "local-dir:")) and not Path(spec).expanduser().exists():
+        name, _, tag = spec.rpartition("@")
+        return name, tag or None
+    return spec, None
+
+
+def check_models(models: list[str]) -> None:
+    """Refuse, before any work, a model file or export folder that is not there."""
+    for spec in models:
+        path = Path(spec.removeprefix("local-dir:")).expanduser()
+        if (spec.startswith("local-dir:") or path.suffix in MODEL_FILE_SUFFIXES) and not path.exists():
+            raise FileNotFoundError(f"model {spec}: {path} does not exist (models=[<checkpoint .pt>, "
+                                    "local-dir:<export folder>, hf-hub:<org>/<repo>, <architecture>@<tag>])")
+
+
+def file_states(path: Path) -> list[Any]:
+    """Name, size and modification time of ``path`` (a file) or of the files directly in it (a folder)."""
     files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
     return [(item.name, item.stat().st_size, item.stat().st_mtime_ns) for item in files if item.is_file()]
+
+
+def model_state(spec: str) -> list[Any]:
+    """What a model file (or an export folder's files) looks like on disk, so that a checkpoint written again
+    at the same path is scored again; nothing for a hub or open_clip name."""
+    return file_states(Path(spec.removeprefix("local-dir:")).expanduser())
+
+
+def data_state(source: SourceConfig) -> list[Any]:
+    """The files at the top of the set's root(s), so that a replaced array file (MedMNIST's ``.npz``, PCam's
+    ``.h5``, a label CSV) has its cells scored again. Images deeper in a folder tree are not looked at here
+    (the shard writer's own fingerprint reshards them)."""
+    states = []
+    for root in source.input_roots():
+        try:
+            states.append(file_states(Path(root).expanduser()))
+        except OSError as exc:  # unreadable: the set is reported when it is read
+            states.append([type(exc).__name__])
+    return states
 
 
 def source_config(name: str, options: dict[str, Any]) -> SourceConfig:
@@ -175,10 +216,11 @@ class _Model:
         if self.loaded is None:
             from clip_med.inference.model import load
 
+            name, tag = model_source(self.spec)
             try:
-                self.loaded = load(self.spec, self.cfg.model_name, self.cfg.device)
-            except SET_ERRORS as exc:
-                raise ModelUnavailable(str(exc)) from exc
+                self.loaded = load(name, self.cfg.model_name, self.cfg.device, pretrained=tag)
+            except (OSError, ValueError, RuntimeError) as exc:  # missing, not a model, weights of another shape
+                raise ModelUnavailable(" ".join(str(exc).split())) from exc
         return self.loaded
 
 
@@ -210,46 +252,84 @@ def _embed(model: Any, data: EvalData, cells: list[Cell], tasks: list[str], cfg:
     return SetEmbeddings(held_out, train)
 
 
-def _run_set(model: _Model, name: str, set_cfg: SuiteSet, folder: str, label: str, cfg: BenchmarkConfig,
-             suite: SuiteConfig, run: BenchmarkRun) -> list[dict[str, Any]]:
+def set_notes(source: SourceConfig) -> list[str]:
+    """What a reader of the set's numbers must know about its split."""
+    notes = [source.split_caveat] if source.split_caveat else []
+    holdout = getattr(source, "holdout", 0) or 0
+    if holdout > 0 and not source.split_caveat:
+        notes.append(f"no published split: {getattr(source, 'holdout_split', '?')} is a seeded hash holdout of "
+                     f"{holdout:g} of the groups (source.holdout_seed={getattr(source, 'holdout_seed', 0)})")
+    return notes
+
+
+@dataclass
+class _SetPlan:
+    """One set's cells for one model, and which of them are already on disk."""
+
+    source: SourceConfig
+    tasks: list[str]
+    fingerprint: str
+    records: dict[Cell, Optional[dict[str, Any]]]
+
+    @property
+    def missing(self) -> list[Cell]:
+        return [cell for cell, record in self.records.items() if record is None]
+
+    def done(self) -> list[dict[str, Any]]:
+        return [record for record in self.records.values() if record is not None]
+
+
+def _plan_set(model: _Model, name: str, set_cfg: SuiteSet, folder: str, cfg: BenchmarkConfig,
+              out: Path) -> _SetPlan:
     source = source_config(name, set_cfg.source)  # a bad set config stops the run: it is the user's to fix
     tasks = suite_eval.set_tasks(set_cfg, source.class_tasks())
-    cells = suite_eval.plan_cells(name, set_cfg, tasks, not source.class_tasks(), cfg)
+    cells = suite_eval.plan_cells(name, set_cfg, tasks, not source.captions_from_class_names, cfg)
     fingerprint = suite_eval.fingerprint(
         suite_eval.set_fingerprint(set_cfg, SuiteOptions(cfg.few_shot_ks, cfg.few_shot_seeds), cfg.eval),
-        model_state(model.spec))
-    records = {cell: finished(cell_path(run.out, folder, cell), fingerprint) for cell in cells}
-    missing = [cell for cell, record in records.items() if record is None]
-    run.reused += len(cells) - len(missing)
+        model_state(model.spec), data_state(source))
+    return _SetPlan(source, tasks, fingerprint,
+                    {cell: finished(cell_path(out, folder, cell), fingerprint) for cell in cells})
+
+
+def _run_set(model: _Model, name: str, set_cfg: SuiteSet, folder: str, label: str, cfg: BenchmarkConfig,
+             suite: SuiteConfig, run: BenchmarkRun) -> list[dict[str, Any]]:
+    plan = _plan_set(model, name, set_cfg, folder, cfg, run.out)
+    missing = plan.missing
+    run.reused += len(plan.records) - len(missing)
     if not missing:
-        return [record for record in records.values() if record is not None]
-    log.info("%s / %s: %d of %d cells to score", label, name, len(missing), len(cells))
+        return plan.done()
+    log.info("%s / %s: %d of %d cells to score", label, name, len(missing), len(plan.records))
     loaded = model.get()
     pixels = loaded.preprocessing.shard_options() if cfg.pixels_from_checkpoint else None
     try:
-        data = prepare_set(source, set_cfg, eval_shard_config(cfg.shards, pixels))
-        embedded = _embed(loaded, data, missing, tasks, cfg)
+        data = prepare_set(plan.source, set_cfg, eval_shard_config(cfg.shards, pixels))
+        embedded = _embed(loaded, data, missing, plan.tasks, cfg)
     except SET_ERRORS as exc:
         raise SetUnavailable(" ".join(str(exc).split())) from exc
-    weights = class_weights(loaded, set_cfg, cfg.eval, embedded, tasks)
-    extra = {"suite": suite.name, "modality": set_cfg.modality, "model_label": label, "fingerprint": fingerprint,
-             "source": source.name, "split": data.split, "train_split": data.train_split,
-             "n_images": len(embedded.held_out)}
+    weights = class_weights(loaded, set_cfg, cfg.eval, embedded, plan.tasks)
+    extra = {"suite": suite.name, "modality": set_cfg.modality, "model_label": label,
+             "fingerprint": plan.fingerprint, "source": plan.source.name, "split": data.split,
+             "train_split": data.train_split, "n_images": len(embedded.held_out), "notes": set_notes(plan.source)}
     for cell in missing:
-        try:
-            metrics, error = suite_eval.compute_cell(cell, embedded, weights, cfg.eval, cfg), None
-            run.computed += 1
-        except ValueError as exc:
-            metrics, error = {}, str(exc)
-            run.failed += 1
-            log.warning("%s / %s: %s: %s", label, cell.dataset, cell.family, exc)
-        record = suite_eval.cell_record(cell, metrics, loaded.name, model.spec,
-                                        {**extra, **({"error": error} if error else {})})
-        path = cell_path(run.out, folder, cell)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
-        records[cell] = record
-    return [record for record in records.values() if record is not None]
+        plan.records[cell] = _score_cell(cell, embedded, weights, cfg, run, loaded.name, model.spec, extra,
+                                         cell_path(run.out, folder, cell))
+    return plan.done()
+
+
+def _score_cell(cell: Cell, embedded: SetEmbeddings, weights: suite_eval.ClassWeights, cfg: BenchmarkConfig,
+                run: BenchmarkRun, model_name: str, spec: str, extra: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Score one cell and write its record at once (with the reason when the data cannot give it)."""
+    try:
+        metrics, error = suite_eval.compute_cell(cell, embedded, weights, cfg.eval, cfg), None
+        run.computed += 1
+    except ValueError as exc:
+        metrics, error = {}, str(exc)
+        run.failed += 1
+        log.warning("%s / %s: %s: %s", extra["model_label"], cell.dataset, cell.family, exc)
+    record = suite_eval.cell_record(cell, metrics, model_name, spec, {**extra, **({"error": error} if error else {})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return record
 
 
 def chosen_sets(suite: Any, names: Optional[list[str]]) -> dict[str, SuiteSet]:
@@ -257,6 +337,9 @@ def chosen_sets(suite: Any, names: Optional[list[str]]) -> dict[str, SuiteSet]:
         raise ValueError("choose a suite with data sets: suite=<name> (conf/suite/<name>.yaml, or your own)")
     if names is None:
         return dict(suite.sets)
+    if not names:
+        raise ValueError(f"sets=[] chooses no set; leave sets out for all of suite {suite.name} "
+                         f"({', '.join(suite.sets)})")
     unknown = [name for name in names if name not in suite.sets]
     if unknown:
         raise UnknownName(f"suite {suite.name} has no set(s) {unknown}; it has {', '.join(suite.sets)}")
@@ -265,6 +348,7 @@ def chosen_sets(suite: Any, names: Optional[list[str]]) -> dict[str, SuiteSet]:
 
 def run_benchmark(cfg: BenchmarkConfig) -> BenchmarkRun:
     models = model_list(cfg.models)
+    check_models(models)
     sets = chosen_sets(cfg.suite, cfg.sets)
     labels = model_labels(models)
     out = Path(cfg.out or "runs/benchmark")
@@ -277,7 +361,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> BenchmarkRun:
             try:
                 records += _run_set(model, name, set_cfg, folder, labels[spec], cfg, cfg.suite, run)
             except ModelUnavailable as exc:
-                raise ValueError(f"model {spec}: {exc}") from None
+                raise ValueError(f"model {spec} cannot be loaded: {exc}") from exc
             except SetUnavailable as exc:
                 run.problems[f"{labels[spec]} / {name}"] = str(exc)
                 log.warning("%s / %s not evaluated: %s", labels[spec], name, exc)

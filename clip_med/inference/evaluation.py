@@ -65,7 +65,8 @@ def load_model(options: ModelOptions | Any, device: str | None = None, checkpoin
 class EvaluateConfig(ModelOptions):
     data: Any = None  # a source (data=medpix, data=synthetic, ...) or data=shards
     shards: ShardConfig = field(default_factory=ShardConfig)
-    # Shard the data with the checkpoint's pixel options (max_side, format, limits), as in training.
+    # Shard the data with a clip_med checkpoint's pixel options (max_side, format, limits), as in training
+    # (a pretrained model, or a plain state dict, takes shards.* as given).
     pixels_from_checkpoint: bool = True
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: Optional[str] = None  # report folder (the Hydra entry point sets it to hydra.run.dir)
@@ -104,7 +105,10 @@ def evaluate_model(model, data: EvalData, cfg: EvalConfig, out_dir: str | Path, 
     if train is None:
         log.warning("no training split: linear probes are skipped and zero-shot classes come from %s", data.split)
     predictions: dict[tuple[str, str], Predictions] = {}
-    report = evaluate_embeddings(model.model, model.tokenizer, model.device, held_out, train, cfg, predictions)
+    if not data.retrieval:
+        log.info("%s: captions made from class names, no retrieval", data.source)
+    report = evaluate_embeddings(model.model, model.tokenizer, model.device, held_out, train, cfg, predictions,
+                                 retrieval=data.retrieval)
     manifest = data.shard_set.manifest(data.split)
     report.update({"split": data.split, "train_split": data.train_split, "source": data.source,
                    "checkpoint": str(model.info.path), "step": model.info.step, "model": model.name,
@@ -126,7 +130,9 @@ def load_model_and_data(cfg: EvaluateConfig | Any) -> tuple[Any, EvalData]:
     if cfg.data is None:
         raise ValueError("choose the data: data=<source> (e.g. data=medpix data.root=...) or data=shards data.dir=...")
     model = load_model(cfg)
-    pixels = model.preprocessing.shard_options() if cfg.pixels_from_checkpoint else None
+    # A clip_med checkpoint knows the pixel options it was trained on; other models take shards.* as given.
+    trained_pixels = cfg.pixels_from_checkpoint and model.info.format == "clip_med"
+    pixels = model.preprocessing.shard_options() if trained_pixels else None
     return model, open_data(cfg.data, eval_shard_config(cfg.shards, pixels))
 
 

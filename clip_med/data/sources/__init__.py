@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, TypeVar, cast
+from typing import ClassVar, Optional, TypeVar, cast
 
 from clip_med.core.bounds import bounded
 from clip_med.core.errors import UnknownName
@@ -35,6 +35,12 @@ class SourceConfig:
     # Image files outside the source's folder(s) (absolute paths or ../ in a table, symlinks that
     # leave the folder) are skipped as outside_root unless this is true.
     allow_outside_root: bool = False
+    # True for a classification set whose captions are made from its class names (MedMNIST, PCam, a
+    # class-folder tree): image-text retrieval on such captions measures nothing, so `evaluate` and
+    # the benchmark suite do not report it. A class attribute, not an option: it is what the source is.
+    captions_from_class_names: ClassVar[bool] = False
+    # What a reader of this source's results must know about its splits (the benchmark suite's report shows it).
+    split_caveat: ClassVar[str] = ""
 
     def input_roots(self) -> list[str]:
         """The folders this source's image files must lie in (empty: the source reads no files)."""
@@ -44,7 +50,7 @@ class SourceConfig:
     def class_tasks(self) -> list[str]:
         """The label tasks of this source's own classes (a benchmark set's, named in
         :mod:`clip_med.labels.benchmarks`), evaluated beside the taxonomy's; empty for a source of
-        captioned pairs. Such a source's captions are made from its class names."""
+        captioned pairs."""
         return []
 
 

@@ -10,6 +10,10 @@ A record's locator names the file, the array and the row (:func:`array_locator`)
 * HDF5: the row is read with h5py (chunked, compressed datasets included); files stay open in
   the process.
 
+An open stream or file is opened again when its file has another size or modification time (a
+replaced file); the same two enter the shard writer's fingerprint (:attr:`Record.input_file`),
+so a replaced file is resharded rather than taken as unchanged.
+
 Rows must be ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``; other dtypes than ``uint8`` are rescaled
 to 0..255 like any other image (:func:`clip_med.data.images.rescale_to_uint8`).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import zipfile
 from collections import OrderedDict
@@ -94,20 +99,27 @@ _npz_streams: OrderedDict[tuple[str, str], _NpzStream] = OrderedDict()
 _h5_files: OrderedDict[str, Any] = OrderedDict()
 
 
-def _cached(cache: OrderedDict, key: Any, make, close) -> Any:
+def _cached(cache: OrderedDict, key: Any, path: str, make, close) -> Any:
+    """The open stream or file of ``key``, opened again when the file at ``path`` was replaced since
+    (another size or modification time): a resharded file is never read through a stale handle."""
+    stat = os.stat(path)
+    state = (stat.st_size, stat.st_mtime_ns)
     found = cache.get(key)
+    if found is not None and found[0] != state:
+        close(cache.pop(key)[1])
+        found = None
     if found is None:
-        found = cache[key] = make()
+        found = cache[key] = (state, make())
         while len(cache) > MAX_OPEN:
-            close(cache.popitem(last=False)[1])
+            close(cache.popitem(last=False)[1][1])
     cache.move_to_end(key)
-    return found
+    return found[1]
 
 
 def npz_row(path: str, array: str, row: int) -> np.ndarray:
     member = array if array.endswith(".npy") else f"{array}.npy"
     with _lock:
-        stream = _cached(_npz_streams, (path, member), lambda: _NpzStream(path, member), _NpzStream.close)
+        stream = _cached(_npz_streams, (path, member), path, lambda: _NpzStream(path, member), _NpzStream.close)
         return stream.row(row)
 
 
@@ -115,7 +127,7 @@ def h5_row(path: str, array: str, row: int) -> np.ndarray:
     import h5py
 
     with _lock:
-        handle = _cached(_h5_files, path, lambda: h5py.File(path, "r"), lambda file: file.close())
+        handle = _cached(_h5_files, path, path, lambda: h5py.File(path, "r"), lambda file: file.close())
         dataset = handle[array]
         if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "uif":
             raise ValueError(f"{array} is not a numeric dataset")

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from clip_med.core.errors import UnknownName
 from clip_med.core.names import is_safe_name
@@ -76,6 +76,8 @@ class ChexpertSourceConfig(SourceConfig):
     uncertain: str = "ignore"  # a -1 cell: ignore (unknown) | positive (U-Ones) | negative (U-Zeros)
     blank: str = "negative"  # an empty cell (not mentioned): negative | ignore
     frontal_only: bool = False  # keep frontal views only (CheXpert's Frontal/Lateral, MIMIC's ViewPosition PA/AP)
+
+    captions_from_class_names: ClassVar[bool] = True  # made from the class names: no retrieval on them
 
     def class_tasks(self) -> list[str]:
         findings = list(self.findings) if self.findings is not None else list(CHEXPERT_FINDINGS)

@@ -2,8 +2,8 @@
 a caption made from the class names (:mod:`clip_med.labels.benchmarks`).
 
 The caption is a sentence of the set's first prompt template ("a histopathology image of adipose
-tissue."), so a set can also be sharded and trained on; the suite never measures retrieval on
-such captions (:meth:`clip_med.data.sources.SourceConfig.class_tasks`).
+tissue."), so a set can also be sharded and trained on; neither ``evaluate`` nor the suite measures
+retrieval on such captions (:attr:`clip_med.data.sources.SourceConfig.captions_from_class_names`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ def findings_caption(labels: dict[str, str]) -> str:
 
 def class_record(record_id: str, split: str, image: str, decoder: str, labels: dict[str, str], caption: str,
                  fixed: dict[str, str] | None = None, meta: dict[str, Any] | None = None,
-                 template: str | None = None, problem: str | None = None, detail: str = "") -> Record:
+                 template: str | None = None, problem: str | None = None, detail: str = "",
+                 input_file: str = "") -> Record:
     """A record of a classification set. ``fixed``: taxonomy labels every image of the set has
-    (``{"modality": "xray", "anatomy": "thorax"}``); the taxonomy tasks not named are unknown."""
+    (``{"modality": "xray", "anatomy": "thorax"}``); the taxonomy tasks not named are unknown.
+    ``input_file``: the array file an ``image`` locator points into (:attr:`Record.input_file`)."""
     all_labels = {task: taxonomy.UNKNOWN for task in taxonomy.TASKS}
     all_labels.update(fixed or {})
     all_labels.update(labels)
@@ -45,7 +47,7 @@ def class_record(record_id: str, split: str, image: str, decoder: str, labels: d
     if problem is None and not text:
         problem, detail = SkipReason.EMPTY_CAPTION, f"the text template {template!r} gives an empty text"
     return Record(id=record_id, split=split, image=image, caption=caption, text=text, labels=all_labels, meta=meta,
-                  decoder=decoder, problem=problem, problem_detail=detail, label_origin=origin)
+                  decoder=decoder, problem=problem, problem_detail=detail, label_origin=origin, input_file=input_file)
 
 
 def multiclass_labels(task: str, index: Any, where: str) -> tuple[dict[str, str], str, str | None, str]:

@@ -260,5 +260,5 @@ def _record(sample: TarSample, split: str, task: str, labels: list[str], names: 
     return Record(id=record_id, split=split, image=locator, caption=caption, text=caption, labels=label_values,
                   meta={"captions": len(texts)} if len(texts) > 1 else {}, decoder="tar_member", problem=problem,
                   problem_detail=detail, label_origin={task: "metadata"} if label_values else {},
-                  origin=origin)
+                  origin=origin, input_file=str(sample.shard))
 

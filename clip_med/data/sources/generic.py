@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from clip_med.core.templates import fill_template
 from clip_med.data import dicom_deid
@@ -228,6 +228,7 @@ class ClassFolderSourceConfig(HoldoutSourceConfig):
     class_task: Optional[str] = None
     # Labels every image gets, task -> label id, e.g. {modality: xray, anatomy: thorax}.
     labels: dict[str, str] = field(default_factory=dict)
+    captions_from_class_names: ClassVar[bool] = True
 
 
 def _class_words(folder: str, cfg: ClassFolderSourceConfig) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class MedMnistSourceConfig(SourceConfig):
             raise UnknownName(f"unknown MedMNIST subset {name!r}; the 2D subsets: {', '.join(MEDMNIST_SUBSETS)}")
         return MEDMNIST_SUBSETS[name]
 
+    captions_from_class_names: ClassVar[bool] = True  # made from the class names: no retrieval on them
+
     def class_tasks(self) -> list[str]:
         subset = self.chosen_subset()
         return list(CHESTMNIST_FINDINGS) if subset.multilabel else [subset.task]
@@ -108,7 +110,7 @@ def _records(path: Path, split: str, labels: np.ndarray, subset: MedMnistSubset,
             found, caption, problem, detail = multiclass_labels(subset.task, values.reshape(-1).tolist()[0], where)
         records.append(class_record(f"{split}-{row:06d}", split, array_locator(str(path), f"{split}_images", row),
                                     "npz_array", found, caption, fixed, {"subset": subset.name, "row": row},
-                                    cfg.text_template, problem, detail))
+                                    cfg.text_template, problem, detail, input_file=str(path)))
     return records
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -41,6 +41,8 @@ DOWNLOAD_HELP = ("PCam is published at https://github.com/basveeling/pcam (files
 class PcamSourceConfig(SourceConfig):
     name: str = "pcam"
     root: Optional[str] = None  # the folder of the camelyonpatch_level_2_split_*.h5 files
+
+    captions_from_class_names: ClassVar[bool] = True  # made from the class names: no retrieval on them
 
     def class_tasks(self) -> list[str]:
         return [TASK]
@@ -94,7 +96,8 @@ def read_pcam(cfg: PcamSourceConfig) -> dict[str, list[Record]]:
             found, caption, problem, detail = multiclass_labels(TASK, value, f"{labels.name}[{row}]")
             meta = {"row": row, **({"case_id": slides[row]} if slides and slides[row] else {})}
             records.append(class_record(f"{split}-{row:06d}", split, array_locator(str(images), "x", row), "h5_array",
-                                        found, caption, None, meta, cfg.text_template, problem, detail))
+                                        found, caption, None, meta, cfg.text_template, problem, detail,
+                                        input_file=str(images)))
         splits[split] = records
     if not splits:
         raise FileNotFoundError(f"no {PREFIX}_<split>_x.h5 / _y.h5 pairs in {root}. {DOWNLOAD_HELP}")

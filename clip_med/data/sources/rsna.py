@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from clip_med.core.bounds import bounded
 from clip_med.core.names import is_safe_name
@@ -48,6 +48,8 @@ class RsnaSourceConfig(HoldoutSourceConfig):
     root: Optional[str] = None
     holdout: float = bounded(0.2, minimum=0, below=1)
     holdout_split: str = "test"
+
+    captions_from_class_names: ClassVar[bool] = True  # made from the class names: no retrieval on them
 
     def class_tasks(self) -> list[str]:
         return [TASK]
