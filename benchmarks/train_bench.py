@@ -165,6 +165,7 @@ def child_clip_med(spec: dict) -> None:
 
 def child_open_clip(spec: dict) -> None:
     import functools
+    import inspect
 
     import open_clip
     import open_clip_train.data
@@ -176,7 +177,8 @@ def child_open_clip(spec: dict) -> None:
     open_clip.add_model_config(CONFIG_DIR)  # clip_med's architectures, by the same names
     # open_clip_train's webdataset reader predates webdataset's end-of-shard marker ({}) and fails on it
     # (KeyError: 'fname'; webdataset/webdataset#384, mlfoundations/open_clip#935): their suggested fix.
-    open_clip_train.data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
+    if "eof_value" in inspect.signature(tar_file_expander).parameters:  # webdataset >= 1.0 has the marker
+        open_clip_train.data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
     install_step_clock(spec["result"], spec["warmup_steps"], spec["steps"], spec["device"])
     global_batch = spec["batch_size"] * spec["nproc"]
     argv = [

@@ -219,7 +219,7 @@ def test_the_dispatcher_shows_a_commands_hydra_help(runs):
     done = runs["train --help"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train is powered by Hydra" in done.stdout and "== Configuration groups ==" in done.stdout
-    assert "exp: medpix, pmc_oa, roco" in done.stdout
+    assert "exp: medpix, medpix_biomedclip, pmc_oa, roco" in done.stdout
 
 
 def test_the_dispatcher_keeps_the_commands_job_name(runs):

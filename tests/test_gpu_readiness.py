@@ -2,6 +2,8 @@
 non-finite flag kept on the device, background checkpoints, and a loader sized for GPUs (uint8 images
 normalised on the device, persistent workers, automatic worker counts, the /dev/shm check)."""
 
+import multiprocessing
+
 import pytest
 import torch
 
@@ -302,6 +304,7 @@ def _epochs(stream, normalize, epochs, stop_after=None):
 def test_persistent_workers_and_uint8_images_replay_every_epoch_exactly(shards):
     fresh = _epochs(*_stream(shards, persistent=False, uint8=False), [0, 1, 2], stop_after=4)
     persistent = _epochs(*_stream(shards, persistent=True, uint8=True), [0, 1, 2], stop_after=4)
+    assert not multiprocessing.active_children()  # closing the stream stopped its workers
     assert len(fresh) == len(persistent) == 12
     for (keys, images, worker, samples), (keys2, images2, worker2, samples2) in zip(fresh, persistent):
         assert keys == keys2 and (worker, samples) == (worker2, samples2)
@@ -355,3 +358,38 @@ def test_too_little_shared_memory_is_refused_with_what_to_do(monkeypatch):
         loader.check_shared_memory(12, 4, per_batch)
     loader.check_shared_memory(0, 4, per_batch)  # no workers: nothing crosses shared memory
     loader.check_shared_memory(1, 1, 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, precision):
+    """CUDA's sync debug mode raises on any host synchronisation inside the steps (after a first, warm-up step)."""
+    import types
+
+    from helpers import tiny_train_config
+
+    import clip_med.training.trainer as trainer
+    from clip_med.core import distributed
+
+    cfg = tiny_train_config(tmp_path, device="cuda", precision=precision)
+    info = distributed.init_distributed("cuda")
+    run, _, _ = trainer._build_run(cfg, info, tmp_path / "run")
+    groups = trainer._micro_batch_groups(run.stream.epoch(0), 1)
+    batches = [next(groups) for _ in range(4)]  # fetched (and pinned) beforehand: only the steps are watched
+    run.feed = types.SimpleNamespace(data_until=len(batches))
+    run.parts.model.train()
+    trainer._train_step(run, batches[0])  # lazy CUDA set-up, the normaliser's constants, cuBLAS handles
+    run.state.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for group in batches[1:]:
+            trainer._train_step(run, group)
+            run.state.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        run.stream.close()
+    agreed = run.agreement.flush()
+    assert [flags.step for flags in agreed] == [1, 2, 3, 4] and all(flags.ok for flags in agreed)
+    applied = float(next(iter(run.parts.optimizer.state.values()))["step"])  # fused AdamW's own count
+    assert applied == 4 if precision == "bf16" else applied <= 4  # fp16: the scaler may skip overflows

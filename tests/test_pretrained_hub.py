@@ -44,6 +44,7 @@ from hub_fixtures import (
 from PIL import Image
 
 import clip_med
+from clip_med.cli.common import normalise_overrides
 from clip_med.core import distributed
 from clip_med.eval.datasets import ShardsData
 from clip_med.eval.evaluator import EvalConfig
@@ -141,18 +142,17 @@ def test_a_missing_text_tower_is_named_in_the_one_line_error(tmp_path, hub):
     from huggingface_hub import hf_hub_download
 
     cache = tmp_path / "hf"
-    env = subprocess_env(hub.url, cache)
     for name in ("open_clip_config.json", "open_clip_pytorch_model.bin"):
         hf_hub_download(BIOMEDCLIP_REPO, name, cache_dir=str(cache / "hub"), endpoint=hub.url)
     failed = run_command("clip_med.classify", _classify_args(_images(tmp_path / "images", 1), f"model={HUB_MODEL}"),
-                         {**env, **subprocess_env(None, cache, offline=True)})
+                         subprocess_env(None, cache, offline=True))
     assert failed.returncode == 2, failed.stderr[-3000:]
     line = failed.stderr.strip()
     assert "\n" not in line and line.startswith("error: ") and "Traceback" not in line
     assert f"hf download {TEXT_REPO}" in line and str(cache / "hub") in line
 
 
-def test_hub_errors_name_the_repository(online, monkeypatch):
+def test_hub_errors_name_the_repository(online):
     with pytest.raises(ModelUnavailable, match="has no repository clipmed-test/no-such-model"):
         clip_med.load("hf-hub:clipmed-test/no-such-model", device="cpu")
     online.add_repo("clipmed-test/config-only", {"open_clip_config.json": biomedclip_repo()["open_clip_config.json"]})
@@ -356,6 +356,15 @@ def test_pretrained_models_get_medical_prompts_and_scratch_models_keep_theirs(on
     assert prompt_style_for(None, pretrained=True) == "medical" and prompt_style_for(None, False) == "plain"
     assert clip_med.load(HUB_MODEL, device="cpu").prompt_style == "medical"
     assert clip_med.load(save_checkpoint(tmp_path / "run"), device="cpu").prompt_style == "plain"
+
+
+def test_model_on_the_command_line_names_a_model_on_every_command():
+    biomedclip = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert normalise_overrides([f"model={HUB_MODEL}"], "evaluate") == [f"model_name={HUB_MODEL}"]
+    assert normalise_overrides(["model=biomedclip", f"pretrained={TAG}"], "serve") == [
+        f"model_name={biomedclip}", f"pretrained={TAG}"]
+    assert normalise_overrides([f"model={HUB_MODEL}"], "train") == [f"model.name={HUB_MODEL}"]
+    assert normalise_overrides(["model=biomedclip", "exp=medpix"], "train") == ["model=biomedclip", "+exp=medpix"]
 
 
 def test_under_torchrun_rank_zero_downloads_first_and_the_others_wait(monkeypatch):

@@ -22,6 +22,13 @@ says which worker made it and how many raw samples that worker had read (after t
 before decoding), so a resumed run skips exactly what was consumed, even where some samples
 were dropped as undecodable. ``first_worker`` rotates the worker numbering so that the
 DataLoader's round-robin order continues with the worker that was next when the run stopped.
+
+For a GPU: :class:`TrainStream` keeps one DataLoader's workers from epoch to epoch (each worker
+builds every epoch's pipeline afresh from the epoch number the trainer sets, so the epoch is the
+same as with a loader made for it alone); :func:`train_workers` gives each training process its
+share of the node's cores; images may cross the loader as uint8 (``LoaderConfig.uint8_images``,
+normalised on the device by :class:`clip_med.data.transforms.Normalizer`); and
+:func:`check_shared_memory` refuses batches in flight that ``/dev/shm`` cannot hold.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ flips by default, because captions talk about left and right.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,7 +58,7 @@ class Normalizer:
     torchvision's ``ToTensor`` (``float().div(255)``) and ``Normalize`` (``sub_(mean).div_(std)``), in
     that order, so the result is bit-identical to normalising each image in the loader."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -139,4 +139,6 @@ def load_model_and_data(cfg: EvaluateConfig | Any) -> tuple[Any, EvalData]:
 def evaluate_checkpoint(cfg: EvaluateConfig) -> dict[str, Any]:
     model, data = load_model_and_data(cfg)
     out = cfg.out or str(Path("runs") / "eval" / f"{data.source}-{data.split}")
-    return evaluate_model(model, data, cfg.eval, out, cfg.progress)
+    # A pretrained model's report names the tag beside the architecture ("checkpoint" holds its name).
+    extra = {"pretrained": cfg.pretrained} if model.info.format == "pretrained" and cfg.pretrained else None
+    return evaluate_model(model, data, cfg.eval, out, cfg.progress, extra)

@@ -122,7 +122,7 @@ def resolve_pretrained(path: str | None) -> str | None:
                                 f"(looked for {', '.join(FOLDER_WEIGHTS)})")
     if not candidate.is_file():
         raise FileNotFoundError(
-            f"model.pretrained={path} is neither a pretrained tag of this architecture nor a file. Give one of "
+            f"model.pretrained={path} is not a file, nor a pretrained tag of this architecture. Give one of "
             "open_clip's tags (python -c \"import open_clip; print(open_clip.list_pretrained())\"), the path of a "
             "local open_clip checkpoint (.pt, .bin or .safetensors) or an exported folder, or name the model "
             "hf-hub:<org>/<repo> or local-dir:<folder>"
@@ -134,7 +134,7 @@ def _hub_source(name: str, load_weights: bool) -> ModelSource:
     repo = name[len(HF_HUB):]
     if not repo.strip("/"):
         raise ModelUnavailable(f"model {name}: give the hub repository, e.g. hf-hub:<org>/<repo>")
-    with hub_errors(name, (repo,)):
+    with hub_errors(name, (repo,), also=_TEXT_TOWER_HINT):
         config_path = download(repo, HF_CONFIG_NAME)
     config = _read_config(Path(config_path), name)
     model_cfg = config["model_cfg"]
@@ -276,8 +276,13 @@ def _safetensors_alternatives(filename: str) -> list[str]:
     return []
 
 
+# Before its config is read, the repos a hub model's text tower needs are not known yet.
+_TEXT_TOWER_HINT = ("and the repository its open_clip_config.json names for a Hugging Face text tower "
+                    "(text_cfg.hf_model_name / hf_tokenizer_name), if any")
+
+
 @contextlib.contextmanager
-def hub_errors(model: str, repos: tuple[str, ...] | list[str]) -> Iterator[None]:
+def hub_errors(model: str, repos: tuple[str, ...] | list[str], also: str = "") -> Iterator[None]:
     """Turn a hub failure raised inside (by huggingface_hub, or wrapped by transformers, timm or open_clip)
     into one :class:`ModelUnavailable` line; anything else passes unchanged."""
     try:
@@ -288,7 +293,7 @@ def hub_errors(model: str, repos: tuple[str, ...] | list[str]) -> Iterator[None]
         cause = _hub_cause(exc)
         if cause is None:
             raise
-        raise ModelUnavailable(unavailable_message(model, repos, cause)) from None
+        raise ModelUnavailable(unavailable_message(model, repos, cause, also)) from None
 
 
 def _hub_cause(exc: BaseException) -> BaseException | None:
@@ -309,7 +314,7 @@ def _hub_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def unavailable_message(model: str, repos: tuple[str, ...] | list[str], cause: BaseException) -> str:
+def unavailable_message(model: str, repos: tuple[str, ...] | list[str], cause: BaseException, also: str = "") -> str:
     """What went wrong with ``model``'s files, and what to do (one line)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -323,6 +328,7 @@ def unavailable_message(model: str, repos: tuple[str, ...] | list[str], cause: B
 
     repos = [repo for repo in repos if repo]
     fetch = " and ".join(f"`hf download {repo}`" for repo in repos) or "`hf download <repo>`"
+    fetch += f" ({also})" if also else ""
     cache = hub_cache()
     if isinstance(cause, GatedRepoError):
         return (f"model {model}: {_repo_of(cause, repos)} is a gated repository on the Hugging Face hub: accept its "

@@ -42,7 +42,7 @@ from clip_med.data.loader import (
 from clip_med.data.shardset import ShardSet, open_shard_set, prepare_shards
 from clip_med.data.transforms import split_normalize
 from clip_med.modeling.factory import ModelBundle, clip_model, count_parameters, create_model
-from clip_med.modeling.hub import first_on_rank_zero
+from clip_med.modeling.hub import first_on_rank_zero, resolve_source
 from clip_med.modeling.lora import load_trained_state
 from clip_med.modeling.losses import create_loss, model_kwargs_for
 from clip_med.training.agreement import Agreed, GroupFeed, StepAgreement
@@ -409,6 +409,9 @@ def _wrap_model(cfg: TrainConfig, bundle: ModelBundle, info: distributed.DistInf
 
 
 def _build_run(cfg: TrainConfig, info: distributed.DistInfo, run_dir: Path) -> tuple[_Run, ShardSet, str | None]:
+    # A pretrained model's own files are fetched before sharding, which can take a while: one that is
+    # unavailable stops the run at once (rank 0 downloads, the others then read the cache).
+    first_on_rank_zero(info, lambda: resolve_source(cfg.model.name, cfg.model.pretrained))
     shard_set = prepare_data(cfg, info)
     # Rank 0 downloads pretrained files into the cache first; the other ranks then read the cache.
     bundle = first_on_rank_zero(info, lambda: create_model(cfg.model, info.device, **model_kwargs_for(cfg.loss)))
@@ -534,9 +537,10 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
                                               f"in {run_dir}/checkpoints. Continue with resume=latest.")
                 every = cfg.eval.every_epochs
                 if every and run.state.epoch % every == 0 and run.state.epoch < len(run.plan.steps):
+                    run.writer.wait()  # its loader forks workers: not while a checkpoint thread runs
                     evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
                                  write_files=False)
-        run.stream.close()
+        _stop_loader(run)
         _raise_if_write_failed(run)  # the last checkpoint is on disk before the evaluation
         train_seconds = time.perf_counter() - started
         return evaluate_run(run.bundle, shard_set, cfg, info, run_dir, run.logger, run.state.step,
@@ -554,5 +558,10 @@ def _close(run: _Run) -> None:
     error = run.writer.wait()
     if error:
         log.error("the last checkpoint write failed: %s", error)
-    run.stream.close()
+    _stop_loader(run)
     run.logger.close()
+
+
+def _stop_loader(run: _Run) -> None:
+    run.feed = None  # its batch generator holds the loader's iterator, which holds the worker processes
+    run.stream.close()
