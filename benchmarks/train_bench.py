@@ -11,9 +11,10 @@ autotuning) and stops at ``--steps``, with a CUDA synchronisation at both ends; 
 then exits, so neither trainer's final checkpoint or evaluation is timed.
 
 The loader comparison runs in this process: clip_med's training loader (shuffling, per-sample
-seeded augmentation, sentence sampling, tokenisation, error accounting, resume bookkeeping)
-against a bare DataLoader with the same number of worker processes that only reads the same tar
-members, decodes the PNGs and applies the same transform.
+seeded augmentation, sentence sampling, tokenisation, error accounting, resume bookkeeping; uint8
+images, whose float conversion and normalisation the trainer does per batch on its device, timed
+here in this process) against a bare DataLoader with the same number of worker processes that only
+reads the same tar members, decodes the PNGs and applies the whole transform, normalisation included.
 
     python benchmarks/train_bench.py                                # small CPU check (minutes)
     python benchmarks/train_bench.py --repeat 3 --threads 1         # the CPU numbers in BENCHMARKS.md
@@ -273,23 +274,31 @@ def _worker_cpu_seconds(iterator) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
-def time_batches(loader, warmup: int, batches: int, batch_size: int) -> dict[str, float]:
+def time_batches(loader, warmup: int, batches: int, batch_size: int, finish=None) -> dict[str, float]:
     """Samples per second over ``batches`` batches after ``warmup``, and the workers' CPU milliseconds per
-    sample over the same stretch (the work itself, far less disturbed by a noisy machine than the clock)."""
+    sample over the same stretch (the work itself, far less disturbed by a noisy machine than the clock).
+
+    ``finish`` is what the training process still does to each batch's images before the model sees them
+    (clip_med's uint8 images: the float conversion and normalisation); it runs inside the clock, and its
+    CPU time, spent in this process, is added to the workers'."""
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
-    start, cpu_start = time.perf_counter(), _worker_cpu_seconds(iterator)
+    start, cpu_start, main_cpu = time.perf_counter(), _worker_cpu_seconds(iterator), 0.0
     for _ in range(batches):
-        next(iterator)
-    elapsed, cpu = time.perf_counter() - start, _worker_cpu_seconds(iterator) - cpu_start
+        batch = next(iterator)
+        if finish is not None:
+            started = time.process_time()
+            finish(batch)
+            main_cpu += time.process_time() - started
+    elapsed, cpu = time.perf_counter() - start, _worker_cpu_seconds(iterator) - cpu_start + main_cpu
     del iterator
     return {"rate": batches * batch_size / elapsed, "cpu_ms": 1000 * cpu / (batches * batch_size)}
 
 
 def loader_rates(args: argparse.Namespace, shard_set, attempt: int) -> dict[str, dict[str, float]]:
     from clip_med.data.loader import LoaderConfig, _LowerPriority, create_train_loader
-    from clip_med.data.transforms import create_transform
+    from clip_med.data.transforms import create_transform, split_normalize
     from clip_med.modeling.factory import ModelConfig, create_model
 
     bundle = create_model(ModelConfig(name=args.model, image_size=args.image_size))
@@ -297,13 +306,19 @@ def loader_rates(args: argparse.Namespace, shard_set, attempt: int) -> dict[str,
     urls = shard_set.urls("train")
     cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=SHUFFLE_BUFFER,
                        prefetch_factor=args.prefetch_factor)
+    # As the trainer does by default: uint8 images through the loader, normalised in the training process
+    # (on the device); that last step is timed with the loader (see time_batches).
+    loader_transform, normalize = split_normalize(transform) if cfg.uint8_images else (transform, None)
+
+    def finish(batch: dict) -> None:
+        normalize(batch["images"])
     # Each worker fills its shuffle buffer (reading, not decoding) before its first batch: the clock starts
     # once every worker has delivered one.
     warmup = max(args.workers, 1) + 1
 
     def make(kind: str):
         if kind == "loader":  # as the trainer calls it
-            return create_train_loader(urls, transform, bundle.tokenizer, cfg, 0, 0, args.workers,
+            return create_train_loader(urls, loader_transform, bundle.tokenizer, cfg, 0, 0, args.workers,
                                        shard_counts=shard_set.shard_counts("train"))
         tokenizer = bundle.tokenizer if kind == "raw_tokenize" else None
         # The same worker processes: same count, prefetch depth and niceness (the trainer's default).
@@ -314,7 +329,8 @@ def loader_rates(args: argparse.Namespace, shard_set, attempt: int) -> dict[str,
     kinds = ["loader", "raw_tokenize", "raw"]
     if attempt % 2:  # alternate who goes first
         kinds.reverse()
-    return {kind: time_batches(make(kind), warmup, args.loader_batches, args.batch_size) for kind in kinds}
+    return {kind: time_batches(make(kind), warmup, args.loader_batches, args.batch_size,
+                               finish if kind == "loader" and normalize is not None else None) for kind in kinds}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ from hub_fixtures import HUB_MODEL, FakeHub, hub_env, standard_repos, subprocess
 from hydra import compose, initialize_config_dir
 from open_clip_train.scheduler import cosine_lr
 
+import clip_med
 from clip_med.cli.config import CONF_DIR, to_object
 from clip_med.modeling.checkpoint import CheckpointError, load_bundle
 from clip_med.modeling.export import ExportConfig, export_checkpoint
 from clip_med.modeling.factory import ModelConfig, create_model
+from clip_med.modeling.hub import portable_pretrained
 from clip_med.modeling.lora import BASE_SHA256, LoraConfig, base_fingerprint, load_trained_state, target_modules
 from clip_med.training.checkpoint import latest_checkpoint, load_checkpoint
 from clip_med.training.metrics_log import read_metrics
@@ -210,6 +212,13 @@ def test_lora_checkpoint_is_small_and_resumes_exactly(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError):
             train(crashed)
     assert latest_checkpoint(crashed.run_dir).name == "step-00000003.pt"
+    logged = _losses(crashed.run_dir)
+    other_rates = _lora_config(tmp_path / "b")
+    other_rates.resume, other_rates.optim.lr_text = "latest", 1e-3  # one more pair of parameter groups
+    with pytest.raises(ValueError, match=r"optim\.lr_text: checkpoint none, this run its own learning rate") as refused:
+        train(other_rates)
+    assert "\n" not in str(refused.value) and "model.pretrained=" in str(refused.value)
+    assert _losses(crashed.run_dir) == logged  # refused before any step
     resumed = _lora_config(tmp_path / "b")
     resumed.resume = "latest"
     train(resumed)
@@ -225,6 +234,20 @@ def test_lora_checkpoint_is_small_and_resumes_exactly(tmp_path, monkeypatch):
     lora_size = latest_checkpoint(reference.run_dir).stat().st_size
     full_weights = _base_weights(tmp_path).stat().st_size  # a full checkpoint holds these and 2x for AdamW
     assert lora_size * 20 < full_weights, (lora_size, full_weights)
+
+
+def test_a_relative_model_pretrained_is_recorded_absolute_so_the_checkpoint_loads_elsewhere(tmp_path, monkeypatch):
+    cfg = _lora_config(tmp_path / "run", epochs=1)
+    monkeypatch.chdir(tmp_path)
+    cfg.model.pretrained = "base.pt"  # as typed on the command line, next to the weights
+    train(cfg)
+    path = latest_checkpoint(cfg.run_dir)
+    assert load_checkpoint(path)["config"]["model"]["pretrained"] == str((tmp_path / "base.pt").resolve())
+    monkeypatch.chdir(tmp_path / "run")  # no base.pt here: the rebuild reads it by its absolute path
+    assert clip_med.load(path, device="cpu").info.step == 6
+    # Tags and hub names are names, not paths: recorded as given.
+    assert portable_pretrained("RN50", "openai") == "openai"
+    assert portable_pretrained(HUB_MODEL, "base.pt") == "base.pt"
 
 
 @pytest.fixture(scope="module")
@@ -399,3 +422,15 @@ def test_lora_adapters_take_their_tower_s_learning_rate(tmp_path):
     for name in _trainable(model):
         assert groups[id(model.get_parameter(name))]["lr"] == (1e-5 if name.startswith("visual.") else 1e-3), name
     assert not any(id(p) in groups for p in model.parameters() if not p.requires_grad)
+
+
+def test_optimizer_state_with_other_per_tower_groups_is_refused_in_one_line():
+    model = _model()
+    saved = create_optimizer(model, OptimConfig(lr=1e-3, lr_image=1e-4)).state_dict()
+    create_optimizer(model, OptimConfig(lr=1e-3, lr_image=5e-5)).load_state_dict(saved)  # other value, same groups
+    with pytest.raises(ValueError, match=r"\(optim\.lr_image: checkpoint its own learning rate, this run none\)\. "
+                                         r"Resume with the optim\.lr_image / optim\.lr_text values"):
+        create_optimizer(model, OptimConfig(lr=1e-3)).load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"optim\.lr_image: checkpoint its own learning rate, this run none; "
+                                         r"optim\.lr_text: checkpoint none, this run its own learning rate"):
+        create_optimizer(model, OptimConfig(lr=1e-3, lr_text=1e-4)).load_state_dict(saved)

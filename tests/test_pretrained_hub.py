@@ -245,6 +245,17 @@ def test_clip_med_load_takes_a_pretrained_tag_with_its_preprocessing(online):
     assert model.prompt_style == "medical" and model.info.format == "pretrained"
 
 
+def test_search_reloads_a_pretrained_tag_model_from_what_embed_recorded(online, tmp_path):
+    shard_set = synthetic_shards(tmp_path / "shards", {"dev": 6})
+    out = tmp_path / "embeddings"
+    run_embed(EmbedConfig(model_name=TAG_ARCH, pretrained=TAG, shards=shard_set.urls("dev"), out=str(out),
+                          device="cpu", workers=0, progress=False))
+    recorded = json.loads((out / "embed.json").read_text())["load"]
+    assert recorded == {"checkpoint": None, "model_name": TAG_ARCH, "pretrained": TAG}
+    found = run_search(SearchConfig(index=str(out), text="a CT scan of the brain.", k=2))  # no model options
+    assert len(found.hits) == 2
+
+
 def test_the_classify_command_takes_a_pretrained_tag_then_offline(tmp_path):
     images = _images(tmp_path / "images", 2)
     cache = tmp_path / "hf"

@@ -170,10 +170,13 @@ def run_search(cfg: SearchConfig) -> SearchOutput:
         if not (cfg.build or cfg.recall):
             raise ValueError('give a query: text="..." or image=<path> (or build=<kind> / recall=true)')
         return output
-    if cfg.checkpoint is None and cfg.model_name is None and index.info.get("checkpoint") is None:
+    # embed.json's "load": what loads the embeddings' model again (older folders: only "checkpoint").
+    recorded = index.info.get("load") or {"checkpoint": index.info.get("checkpoint")}
+    if cfg.checkpoint is None and cfg.model_name is None and not (recorded.get("checkpoint")
+                                                                  or recorded.get("model_name")):
         raise ValueError(f"{cfg.index} does not name the checkpoint its embeddings came from: "
                          "give checkpoint=<path> (or model=<the pretrained model>)")
-    model = load_model(cfg, checkpoint=index.info.get("checkpoint"))
+    model = load_model(cfg, recorded=recorded)
     output.hits = model.search(index, text=cfg.text, image=cfg.image, k=cfg.k)
     output.query = f"text {cfg.text!r}" if cfg.text is not None else f"image {cfg.image}"
     return output

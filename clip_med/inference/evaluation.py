@@ -49,16 +49,17 @@ class ModelOptions:
     device: str = "auto"  # auto | cpu | cuda
 
 
-def load_model(options: ModelOptions | Any, device: str | None = None, checkpoint: str | None = None):
+def load_model(options: ModelOptions | Any, device: str | None = None, recorded: dict[str, Any] | None = None):
     """The model ``options`` name (:func:`clip_med.load`): the one loader every command uses.
 
-    ``device`` replaces ``options.device`` (embed under torchrun); ``checkpoint`` is the fallback
-    when ``options`` names neither a checkpoint nor a model (search: the index's own)."""
+    ``device`` replaces ``options.device`` (embed under torchrun); ``recorded`` (``clip_med.load``'s
+    checkpoint, model_name and pretrained) is the fallback when ``options`` names neither a checkpoint
+    nor a model (search: the index's own)."""
     from clip_med.inference.model import load
 
-    named = options.checkpoint is not None or options.model_name is not None
-    return load(options.checkpoint if named else checkpoint, options.model_name, device or options.device,
-                pretrained=options.pretrained)
+    if options.checkpoint is None and options.model_name is None and recorded:
+        return load(**recorded, device=device or options.device)
+    return load(options.checkpoint, options.model_name, device or options.device, pretrained=options.pretrained)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Layout of the output folder::
 
-    embed.json              model, checkpoint, fingerprint, shards, counts, errors, status
+    embed.json              model, checkpoint, load, fingerprint, shards, counts, errors, status
     parts/<shard>.parquet   one part per shard (the unit of resume), embeddings included
     parts/<shard>.json      written after its part: the shard's size and row count
     metadata.parquet        all rows in shard order: id, key, split, source, caption, text,
@@ -333,7 +333,8 @@ def embed_shards(model, urls: list[str], out_dir: Path, cfg: ExtractConfig, prog
 def run_settings(model, cfg: ExtractConfig) -> dict[str, Any]:
     """What must match for a rerun to resume into the same folder."""
     return {"model": model.name, "checkpoint": str(model.info.path), "model_fingerprint": model.fingerprint,
-            "step": model.info.step, "dim": model.dim, "texts": cfg.texts, "image_size": model.bundle.image_size}
+            "step": model.info.step, "dim": model.dim, "texts": cfg.texts, "image_size": model.bundle.image_size,
+            "load": model.info.reload_args()}  # clip_med.load's arguments for this model (search uses them)
 
 
 def _check_resumable(out_dir: Path, settings: dict[str, Any]) -> None:
@@ -400,8 +401,9 @@ def extract(model, shards: str | Sequence[str], out: str | Path, cfg: ExtractCon
         out_dir.mkdir(parents=True, exist_ok=True)
         _check_resumable(out_dir, settings)
         write_json_atomic(out_dir / EMBED_INFO, {**settings, "status": "running", "shards": urls})
-    distributed.barrier(info)
+    # Before the barrier: no rank writes a part until every rank has listed the same pending shards.
     pending = [url for url in urls if part_done(out_dir, url) is None]
+    distributed.barrier(info)
     mine = pending[info.rank::info.world_size]
     if len(pending) < len(urls) and info.is_main:
         log.info("resuming: %d of %d shards already embedded", len(urls) - len(pending), len(urls))

@@ -23,7 +23,7 @@ import torch
 
 from clip_med.data.images import ImageLimits
 from clip_med.modeling.factory import ModelBundle, ModelConfig, create_model, model_config
-from clip_med.modeling.hub import has_schema
+from clip_med.modeling.hub import has_schema, portable_pretrained
 from clip_med.modeling.lora import load_trained_state, lora_rebuild_fields, merge_lora
 from clip_med.modeling.losses import LossConfig, model_kwargs_for
 
@@ -85,6 +85,15 @@ class CheckpointInfo:
         if self.format == "clip_med" and self.path.parent.name == "checkpoints":
             return self.path.parent.parent
         return None
+
+    def reload_args(self) -> dict[str, Any]:
+        """The arguments of :func:`open_model` (``clip_med.load``) that load this model again, from any working
+        directory (an embedding folder records them, so that search needs no model options)."""
+        if self.format == "clip_med":
+            return {"checkpoint": str(self.path.resolve())}
+        pretrained = portable_pretrained(self.model_name, (self.config.get("model") or {}).get("pretrained"))
+        checkpoint = str(self.path.resolve()) if self.format == "open_clip" else None
+        return {"checkpoint": checkpoint, "model_name": self.model_name, "pretrained": pretrained}
 
 
 def read_weights_file(path: Path) -> Any:
@@ -283,7 +292,8 @@ def bundle_from_payload(payload: Any, path: Path, model_name: str | None = None,
             open_clip.load_checkpoint(bundle.model, str(path), weights_only=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not fit open_clip model {model_name}: {str(exc)[:500]}") from None
-        info = CheckpointInfo(path, "open_clip", model_name)
+        info = CheckpointInfo(path, "open_clip", model_name, config={"model": {"name": model_name,
+                                                                              "pretrained": pretrained}})
     bundle.model.eval()
     log.info("loaded %s (%s, %s format%s)", path, info.model_name, info.format,
              f", step {info.step}" if info.step is not None else "")

@@ -54,6 +54,15 @@ def starts_pretrained(name: str, pretrained: str | None) -> bool:
     return bool(pretrained) or has_schema(name)
 
 
+def portable_pretrained(name: str, pretrained: str | None) -> str | None:
+    """``pretrained`` as a checkpoint or embedding folder records it: a local file or folder by its absolute path
+    (the model is rebuilt from it in another working directory); a tag, or a path that is not there, as given."""
+    if not pretrained or has_schema(name) or open_clip.get_pretrained_cfg(name, pretrained):
+        return pretrained
+    path = Path(pretrained).expanduser()
+    return str(path.resolve()) if path.exists() else pretrained
+
+
 def hub_cache() -> str:
     """The folder huggingface_hub downloads into (``HF_HUB_CACHE``, by default ``$HF_HOME/hub``)."""
     from huggingface_hub import constants

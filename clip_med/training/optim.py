@@ -4,7 +4,8 @@
 included); the temperature and anything else outside the towers keep ``optim.lr``. Each rate gets
 its own pair of parameter groups (with and without weight decay), and the schedule scales each
 group from its own base rate, so the ratio between the towers holds at every step. Without them
-there are exactly open_clip's two groups and one schedule, as before.
+there are exactly open_clip's two groups and one schedule, as before. A resume whose per-tower
+settings would give other groups than the checkpoint's is refused in one line (:func:`check_same_groups`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,35 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Op
             {"params": [p for n, p in own if not _no_decay(n, p)], "weight_decay": cfg.weight_decay, "lr": lr,
              "lr_field": field_name},
         ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cast("tuple[float, float]", tuple(cfg.betas)), eps=cfg.eps)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cast("tuple[float, float]", tuple(cfg.betas)),
+                                  eps=cfg.eps)
+    # A resume restores the optimizer with load_state_dict: its groups must be the checkpoint's.
+    optimizer.register_load_state_dict_pre_hook(check_same_groups)
+    return optimizer
+
+
+def _rate_fields(groups: list[dict]) -> list[str]:
+    return [group.get("lr_field", "lr") for group in groups]
+
+
+def check_same_groups(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Refuse, in one line, a saved optimizer state whose per-tower learning-rate groups are not this optimizer's
+    (torch's own error names neither the settings nor the fix)."""
+    before, now = _rate_fields(saved["param_groups"]), _rate_fields(optimizer.param_groups)
+    if before == now:
+        return
+    differing = sorted(set(before) ^ set(now))  # each rate's groups come in one order, always two
+
+    def own_rate(fields: list[str], name: str) -> str:
+        return "its own learning rate" if name in fields else "none"
+
+    settings = "; ".join(f"optim.{name}: checkpoint {own_rate(before, name)}, this run {own_rate(now, name)}"
+                         for name in differing)
+    raise ValueError(
+        "cannot resume: the checkpoint's optimizer has other per-tower learning-rate groups than this run's "
+        f"({settings}). Resume with the optim.lr_image / optim.lr_text values the checkpoint was trained with, "
+        "or start a new run from its weights without resume=: model.pretrained=<the checkpoint> (a LoRA or hf-hub: "
+        "model: export it with python -m clip_med.export, then model=local-dir:<the export folder>)")
 
 
 SCHEDULES = {"cosine": cosine_lr, "const": const_lr}

@@ -19,6 +19,7 @@ import torch
 from clip_med.core import distributed
 from clip_med.core.counting import merge_counts
 from clip_med.data.loader import WorkerPosition, batch_position
+from clip_med.modeling.hub import portable_pretrained
 from clip_med.modeling.lora import checkpoint_extras, trained_state_dict
 from clip_med.training.checkpoint import restore_rng_state, rng_state
 
@@ -92,7 +93,18 @@ def checkpoint_payload(model: torch.nn.Module, optimizer, scaler, state: TrainSt
         "rng": rngs[0],
         "rng_per_rank": rngs,
         **meta,
+        **_portable_config(meta),
     }
+
+
+def _portable_config(meta: dict) -> dict:
+    """``config`` with model.pretrained's local file by its absolute path: a LoRA checkpoint's base weights are
+    read from it again when the checkpoint is loaded, from whatever working directory."""
+    model = (meta.get("config") or {}).get("model")
+    if not model or not model.get("pretrained"):
+        return {}
+    pretrained = portable_pretrained(model["name"], model["pretrained"])
+    return {"config": {**meta["config"], "model": {**model, "pretrained": pretrained}}}
 
 
 def _int_keys(value: Any) -> Any:
