@@ -278,6 +278,16 @@ class ClipMedModel:
         class_labels, weights = self.zero_shot_classifier(task, labels, prompts)
         return task, class_labels, zero_shot_probabilities(embeddings, weights), "zero_shot"
 
+    def _checked_embed(self, items: list, task: str | None, labels: Optional[Sequence[str]], prompts: Prompts,
+                       head: Head, batch_size: int, workers: int, on_error: str):
+        """The loaded head (if any) and the images' embeddings, after refusing bad labels or prompts
+        before anything is decoded."""
+        if head is not None:
+            head = self.load_head(head)
+        else:
+            self.zero_shot_classifier(task or "modality", labels, prompts)
+        return head, self._embed(items, batch_size, workers, on_error)
+
     def classify(self, images: ImageInput | Sequence[ImageInput], task: str | None = None,
                  labels: Optional[Sequence[str]] = None, prompts: Prompts = None, head: Head = None,
                  batch_size: int = 32, workers: int = 0, on_error: str = "raise") -> Classification:
@@ -292,11 +302,8 @@ class ClipMedModel:
         ``on_error="skip"`` keeps going past unusable inputs and lists them in ``result.skipped``.
         """
         items = as_batch(images)
-        if head is not None:
-            head = self.load_head(head)
-        else:
-            self.zero_shot_classifier(task or "modality", labels, prompts)  # fail on bad labels before decoding
-        embeddings, kept, skipped = self._embed(items, batch_size, workers, on_error)
+        head, (embeddings, kept, skipped) = self._checked_embed(items, task, labels, prompts, head, batch_size,
+                                                                workers, on_error)
         task, class_labels, probs, method = self.classify_embeddings(embeddings, task, labels, prompts, head)
         return Classification(task, class_labels, probs, method, inputs=[describe(items[i]) for i in kept],
                               indices=kept, skipped=skipped)
@@ -326,11 +333,8 @@ class ClipMedModel:
         from clip_med.inference.series import SeriesClassification
 
         items = as_batch(images)
-        if head is not None:
-            head = self.load_head(head)
-        else:
-            self.zero_shot_classifier(task or "modality", labels, prompts)  # fail on bad labels before decoding
-        embeddings, kept, skipped = self._embed(items, batch_size, workers, on_error)
+        head, (embeddings, kept, skipped) = self._checked_embed(items, task, labels, prompts, head, batch_size,
+                                                                workers, on_error)
         if not kept:
             first = f": {skipped[0].input}: {skipped[0].reason} ({skipped[0].detail})" if skipped else ""
             raise ValueError(f"no image of {name} could be read{first}")
