@@ -387,15 +387,17 @@ def test_under_torchrun_rank_zero_downloads_first_and_the_others_wait(monkeypatc
         return sent[0] if sent else value
 
     monkeypatch.setattr(distributed, "broadcast_object", broadcast)
+    # the wait itself goes through the store, under the long phase timeout, not the collectives' timeout
+    monkeypatch.setattr(distributed, "barrier", lambda info, what="": order.append("barrier"))
     rank1 = distributed.DistInfo(rank=1, world_size=2)
     assert first_on_rank_zero(rank1, lambda: order.append("build") or "model") == "model"
-    assert order == ["broadcast", "build"]  # rank 1 builds only after rank 0 said it is done
+    assert order == ["barrier", "broadcast", "build"]  # rank 1 builds only after rank 0 said it is done
 
     order.clear()
     sent.append((True, "model X is not in the Hugging Face cache"))
     with pytest.raises(ModelUnavailable, match="not in the Hugging Face cache"):
         first_on_rank_zero(rank1, lambda: order.append("build"))
-    assert order == ["broadcast"]  # rank 0 failed: the others stop with its message, without trying
+    assert order == ["barrier", "broadcast"]  # rank 0 failed: the others stop with its message, without trying
 
     def failing():
         raise ModelUnavailable("model X is not in the Hugging Face cache")
@@ -404,7 +406,7 @@ def test_under_torchrun_rank_zero_downloads_first_and_the_others_wait(monkeypatc
     order.clear()
     with pytest.raises(ModelUnavailable):
         first_on_rank_zero(distributed.DistInfo(rank=0, world_size=2), failing)
-    assert order == ["broadcast"]  # rank 0 tells the others before it stops
+    assert order == ["barrier", "broadcast"]  # rank 0 tells the others before it stops
 
 
 def test_an_offline_cache_copy_works_elsewhere(hub, tmp_path, monkeypatch):

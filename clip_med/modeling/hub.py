@@ -382,18 +382,22 @@ def first_on_rank_zero(info: distributed.DistInfo, build: Callable[[], T]) -> T:
     """``build()`` on rank 0 first (it downloads into the cache), then on the other ranks (they read the cache).
 
     A failure on rank 0 is sent to the others, which stop with the same message instead of waiting.
+    The others wait for the download through the store (``distributed.barrier``, under the long phase
+    timeout), not under the collectives' timeout, which a large download could outlast.
     """
     result: Any = None
     failure: tuple[bool, str] | None = None
+    error: Exception | None = None
     if info.is_main:
         try:
             result = build()
         except Exception as exc:
-            failure = (isinstance(exc, ModelUnavailable), str(exc))
-            distributed.broadcast_object(failure, info)
-            raise
+            failure, error = (isinstance(exc, ModelUnavailable), str(exc)), exc
+    distributed.barrier(info, "rank 0's model download")
     failure = distributed.broadcast_object(failure, info)
     if info.is_main:
+        if error is not None:
+            raise error
         return result
     if failure is not None:
         unavailable, message = failure
