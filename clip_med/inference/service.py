@@ -26,10 +26,11 @@ any tokenizing, decoding or model call; so the work done under the model's lock 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional
@@ -312,6 +313,29 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
 
+@contextlib.contextmanager
+def _classification_errors() -> Iterator[None]:
+    """A classification request's own mistakes as HTTP errors: too many prompts 413, bad labels, prompts,
+    head or image 422 (the message says which)."""
+    try:
+        yield
+    except PromptLimit as exc:
+        raise HTTPException(413, str(exc)) from None
+    except (ValueError, KeyError) as exc:
+        raise HTTPException(422, str(exc).strip("'\"")) from None
+
+
+def _checked_request(model, task: Optional[str], labels: Optional[list[str]], prompts: Optional[list[str]],
+                     head: Optional[str], heads: dict[str, ProbeHead], limits: ServiceLimits):
+    """(labels, prompts, the chosen head or None), with bad labels or prompts refused before anything is decoded."""
+    labels, prompts = _split_values(labels), prompts or None
+    _check_zero_shot_request(task, labels, prompts, head, limits)
+    chosen = _resolve_head(head, heads)
+    if chosen is None:
+        model.zero_shot_classifier(task or "modality", labels, prompts, max_prompts=limits.max_prompt_texts)
+    return labels, prompts, chosen
+
+
 def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, heads: dict[str, ProbeHead],
                                limits: ServiceLimits, token: str | None = None) -> None:
     @app.get("/health", summary="Model, index and limits")
@@ -330,18 +354,10 @@ def _add_classification_routes(app: FastAPI, model, index: SearchIndex | None, h
                  prompts: Optional[list[str]] = Form(None, description="templates with one {} for the label"),
                  head: Optional[str] = Form(None, description=f"a loaded probe head: {', '.join(heads) or 'none'}"),
                  top: int = Form(3, ge=1, le=100)) -> dict[str, Any]:
-        labels, prompts = _split_values(labels), prompts or None
-        _check_zero_shot_request(task, labels, prompts, head, limits)
-        chosen = _resolve_head(head, heads)
-        try:
-            if chosen is None:  # refuse bad labels or prompts before decoding anything
-                model.zero_shot_classifier(task or "modality", labels, prompts, max_prompts=limits.max_prompt_texts)
+        with _classification_errors():
+            labels, prompts, chosen = _checked_request(model, task, labels, prompts, head, heads, limits)
             embedding, kind = _embed_upload(model, file, limits)
             task_name, names, probs, method = model.classify_embeddings(embedding, task, labels, prompts, chosen)
-        except PromptLimit as exc:
-            raise HTTPException(413, str(exc)) from None
-        except (ValueError, KeyError) as exc:
-            raise HTTPException(422, str(exc).strip("'\"")) from None
         order = np.argsort(-probs[0], kind="stable")[:top]
         return {"input": file.filename, "format": kind, "task": task_name, "method": method, "labels": names,
                 "prediction": names[int(order[0])], "probabilities": dict(zip(names, map(float, probs[0]))),
@@ -413,12 +429,8 @@ def _add_series_routes(app: FastAPI, model, heads: dict[str, ProbeHead], limits:
                         prompts: Optional[list[str]] = Form(None, description="templates with one {} for the label"),
                         head: Optional[str] = Form(None, description="a loaded probe head"),
                         top: int = Form(3, ge=1, le=100)) -> dict[str, Any]:
-        labels, prompts = _split_values(labels), prompts or None
-        _check_zero_shot_request(task, labels, prompts, head, limits)
-        chosen = _resolve_head(head, heads)
-        try:
-            if chosen is None:  # refuse bad labels or prompts before decoding anything
-                model.zero_shot_classifier(task or "modality", labels, prompts, max_prompts=limits.max_prompt_texts)
+        with _classification_errors():
+            labels, prompts, chosen = _checked_request(model, task, labels, prompts, head, heads, limits)
             images, skipped = _series_uploads(files, limits)
             if not images:
                 raise HTTPException(422, "the request holds no image (PNG, JPEG, TIFF, WebP, BMP or DICOM)")
@@ -427,10 +439,6 @@ def _add_series_routes(app: FastAPI, model, heads: dict[str, ProbeHead], limits:
                                          for start in range(0, len(pixels), 32)])
             task_name, names, pooled, per_image, method = model.classify_series_embeddings(embeddings, task, labels,
                                                                                            prompts, chosen)
-        except PromptLimit as exc:
-            raise HTTPException(413, str(exc)) from None
-        except (ValueError, KeyError) as exc:
-            raise HTTPException(422, str(exc).strip("'\"")) from None
         order = np.argsort(-pooled, kind="stable")[:top]
         return {"task": task_name, "method": method, "labels": names, "pooling": POOLING, "images": len(images),
                 "prediction": names[int(order[0])], "probabilities": dict(zip(names, map(float, pooled))),
