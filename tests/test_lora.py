@@ -434,3 +434,33 @@ def test_optimizer_state_with_other_per_tower_groups_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"optim\.lr_image: checkpoint its own learning rate, this run none; "
                                          r"optim\.lr_text: checkpoint none, this run its own learning rate"):
         create_optimizer(model, OptimConfig(lr=1e-3, lr_text=1e-4)).load_state_dict(saved)
+
+
+def test_optimizer_state_of_another_lock_setting_is_refused_in_one_line():
+    saved = create_optimizer(_model(), OptimConfig(lr=1e-3)).state_dict()
+    locked = create_model(ModelConfig(name="medclip-tiny", image_size=32, lock_image=True)).model
+    with pytest.raises(ValueError, match=r"cannot resume: the checkpoint's optimizer trained \d+ tensors, this run "
+                                         r"trains \d+ .*Resume with the model settings the checkpoint was trained "
+                                         r"with \(model\.lock_image"):
+        create_optimizer(locked, OptimConfig(lr=1e-3)).load_state_dict(saved)
+
+
+def test_a_local_dir_model_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A checkpoint or embedding folder of a model typed as ``local-dir:<relative folder>`` reloads elsewhere."""
+    from clip_med.modeling.checkpoint import CheckpointInfo
+    from clip_med.modeling.hub import portable_name
+    from clip_med.training.state import _portable_config
+
+    (tmp_path / "export").mkdir()
+    monkeypatch.chdir(tmp_path)
+    absolute = f"local-dir:{(tmp_path / 'export').resolve()}"
+    assert portable_name("local-dir:export") == absolute
+    assert portable_name("local-dir:not-here") == "local-dir:not-here"  # refused later, by the loader, as typed
+    assert portable_name("ViT-B-16") == "ViT-B-16" and portable_name(HUB_MODEL) == HUB_MODEL
+    meta = {"model_name": "local-dir:export",
+            "config": {"seed": 3, "model": {"name": "local-dir:export", "pretrained": None, "image_size": 32}}}
+    portable = _portable_config(meta)
+    assert portable["model_name"] == absolute
+    assert portable["config"] == {"seed": 3, "model": {"name": absolute, "pretrained": None, "image_size": 32}}
+    info = CheckpointInfo(path=tmp_path / "export", format="pretrained", model_name="local-dir:export")
+    assert info.reload_args()["model_name"] == absolute

@@ -23,7 +23,7 @@ import torch
 
 from clip_med.data.images import ImageLimits
 from clip_med.modeling.factory import ModelBundle, ModelConfig, create_model, model_config
-from clip_med.modeling.hub import has_schema, portable_pretrained
+from clip_med.modeling.hub import has_schema, portable_name, portable_pretrained
 from clip_med.modeling.lora import load_trained_state, lora_rebuild_fields, merge_lora
 from clip_med.modeling.losses import LossConfig, model_kwargs_for
 
@@ -93,7 +93,7 @@ class CheckpointInfo:
             return {"checkpoint": str(self.path.resolve())}
         pretrained = portable_pretrained(self.model_name, (self.config.get("model") or {}).get("pretrained"))
         checkpoint = str(self.path.resolve()) if self.format == "open_clip" else None
-        return {"checkpoint": checkpoint, "model_name": self.model_name, "pretrained": pretrained}
+        return {"checkpoint": checkpoint, "model_name": portable_name(self.model_name), "pretrained": pretrained}
 
 
 def read_weights_file(path: Path) -> Any:

@@ -54,6 +54,15 @@ def starts_pretrained(name: str, pretrained: str | None) -> bool:
     return bool(pretrained) or has_schema(name)
 
 
+def portable_name(name: str) -> str:
+    """A model name as a checkpoint or embedding folder records it: ``local-dir:<folder>`` by the folder's absolute
+    path (a relative one would name another folder, or none, from another working directory); others as given."""
+    if not name.startswith(LOCAL_DIR):
+        return name
+    folder = Path(name.removeprefix(LOCAL_DIR)).expanduser()
+    return LOCAL_DIR + str(folder.resolve()) if folder.exists() else name
+
+
 def portable_pretrained(name: str, pretrained: str | None) -> str | None:
     """``pretrained`` as a checkpoint or embedding folder records it: a local file or folder by its absolute path
     (the model is rebuilt from it in another working directory); a tag, or a path that is not there, as given."""

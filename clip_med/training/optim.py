@@ -84,6 +84,7 @@ def check_same_groups(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     (torch's own error names neither the settings nor the fix)."""
     before, now = _rate_fields(saved["param_groups"]), _rate_fields(optimizer.param_groups)
     if before == now:
+        _check_same_sizes(optimizer, saved)
         return
     differing = sorted(set(before) ^ set(now))  # each rate's groups come in one order, always two
 
@@ -97,6 +98,22 @@ def check_same_groups(optimizer: torch.optim.Optimizer, saved: dict) -> None:
         f"({settings}). Resume with the optim.lr_image / optim.lr_text values the checkpoint was trained with, "
         "or start a new run from its weights without resume=: model.pretrained=<the checkpoint> (a LoRA or hf-hub: "
         "model: export it with python -m clip_med.export, then model=local-dir:<the export folder>)")
+
+
+def _check_same_sizes(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Refuse, in one line, a saved optimizer state that trained other tensors than this run trains (another
+    lock_* setting, say), where torch only says that a group "doesn't match the size of optimizer's group"."""
+    before = [len(group["params"]) for group in saved["param_groups"]]
+    now = [len(group["params"]) for group in optimizer.param_groups]
+    if before == now:
+        return
+    raise ValueError(
+        f"cannot resume: the checkpoint's optimizer trained {sum(before)} tensors, this run trains {sum(now)} "
+        f"(per parameter group: checkpoint {before}, this run {now}). Resume with the model settings the checkpoint "
+        "was trained with (model.lock_image, model.lock_image_unlocked_groups, model.lock_text, "
+        "model.lock_text_unlocked_layers, model.lora.*: the checkpoint's \"config\" holds them, and so does a "
+        "command-line run's <run>/.hydra/config.yaml), "
+        "or start a new run from its weights without resume=: model.pretrained=<the checkpoint>")
 
 
 SCHEDULES = {"cosine": cosine_lr, "const": const_lr}

@@ -19,7 +19,7 @@ import torch
 from clip_med.core import distributed
 from clip_med.core.counting import merge_counts
 from clip_med.data.loader import WorkerPosition, batch_position
-from clip_med.modeling.hub import portable_pretrained
+from clip_med.modeling.hub import portable_name, portable_pretrained
 from clip_med.modeling.lora import checkpoint_extras, trained_state_dict
 from clip_med.training.checkpoint import restore_rng_state, rng_state
 
@@ -98,13 +98,19 @@ def checkpoint_payload(model: torch.nn.Module, optimizer, scaler, state: TrainSt
 
 
 def _portable_config(meta: dict) -> dict:
-    """``config`` with model.pretrained's local file by its absolute path: a LoRA checkpoint's base weights are
-    read from it again when the checkpoint is loaded, from whatever working directory."""
+    """The model's name and ``config`` with a local folder (``local-dir:``) or model.pretrained's local file by
+    its absolute path: the model (a LoRA checkpoint's base weights too) is read from it again when the checkpoint
+    is loaded, from whatever working directory."""
+    portable: dict = {}
+    if meta.get("model_name"):
+        portable["model_name"] = portable_name(meta["model_name"])
     model = (meta.get("config") or {}).get("model")
-    if not model or not model.get("pretrained"):
-        return {}
-    pretrained = portable_pretrained(model["name"], model["pretrained"])
-    return {"config": {**meta["config"], "model": {**model, "pretrained": pretrained}}}
+    if not model:
+        return portable
+    pretrained = portable_pretrained(model["name"], model["pretrained"]) if model.get("pretrained") else None
+    portable["config"] = {**meta["config"], "model": {**model, "name": portable_name(model["name"]),
+                                                      "pretrained": pretrained or model.get("pretrained")}}
+    return portable
 
 
 def _int_keys(value: Any) -> Any:
