@@ -15,6 +15,9 @@ seeded augmentation, sentence sampling, tokenisation, error accounting, resume b
 images, whose float conversion and normalisation the trainer does per batch on its device, timed
 here in this process) against a bare DataLoader with the same number of worker processes that only
 reads the same tar members, decodes the PNGs and applies the whole transform, normalisation included.
+A reference row passes that bare loader's raw samples through webdataset's sample shuffle with the
+loader's buffer size (``--shuffle-buffer``, by default ``data.loader.shuffle_buffer``'s) before
+decoding, as clip_med's loader and open_clip_train's do: what the shuffle alone costs.
 
     python benchmarks/train_bench.py                                # small CPU check (minutes)
     python benchmarks/train_bench.py --repeat 3 --threads 1         # the CPU numbers in BENCHMARKS.md
@@ -45,7 +48,6 @@ from torch.utils.data import DataLoader, IterableDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHUFFLE_BUFFER = 500  # conf/train.yaml's data.loader.shuffle_buffer
 PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}  # clip_med name -> open_clip_train name
 
 
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", default="bench_work/train_bench", help="shards and run folders go here")
     parser.add_argument("--shards", default=None, help="an existing shard folder (with train.manifest.json) "
                         "instead of generated synthetic shards")
-    parser.add_argument("--samples", type=int, default=8000, help="synthetic training pairs to generate")
+    parser.add_argument("--samples", type=int, default=16000, help="synthetic training pairs to generate")
     parser.add_argument("--shard-size", type=int, default=200, help="pairs per generated shard")
     parser.add_argument("--source-image-size", type=int, default=96, help="pixel size of generated images")
     parser.add_argument("--model", default="medclip-tiny")
@@ -69,7 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun) for both trainers")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps; timing stops at the last")
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps before the clock starts")
-    parser.add_argument("--loader-batches", type=int, default=60, help="timed loader batches")
+    parser.add_argument("--loader-batches", type=int, default=150,
+                        help="timed loader batches (a few seconds each: shorter windows are at the mercy of a "
+                             "shared machine's noise)")
+    parser.add_argument("--shuffle-buffer", type=int, default=None,
+                        help="samples in each loader worker's shuffle buffer (default: data.loader.shuffle_buffer's)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both trainers' processes "
                         "(default: torch's choice); 1 keeps a shared or small machine from oversubscribing its cores")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the measurements this often; medians")
@@ -96,7 +102,7 @@ def shard_set_for(args: argparse.Namespace, work: Path):
 def check_enough_data(args: argparse.Namespace, counts: dict[str, int]) -> None:
     """Every timed batch must come from a full stream (no epoch end, no draining shuffle buffer)."""
     total, streams = sum(counts.values()), max(args.workers, 1) * args.nproc
-    slack = streams * (SHUFFLE_BUFFER + args.batch_size)
+    slack = streams * (args.shuffle_buffer + args.batch_size)
     needs = {"trainers": (args.steps + 2) * args.batch_size * args.nproc + slack,
              "loader": (max(args.workers, 1) + 1 + args.loader_batches) * args.batch_size + slack}
     for what, needed in needs.items():
@@ -153,7 +159,8 @@ def child_clip_med(spec: dict) -> None:
     trainer.prepare_data = lambda cfg, info: open_shard_set(spec["shard_dir"])  # shards are already written
     cfg = TrainConfig(
         data=DataConfig(loader=LoaderConfig(batch_size=spec["batch_size"], workers=spec["workers"],
-                                            shuffle_buffer=SHUFFLE_BUFFER, prefetch_factor=spec["prefetch_factor"])),
+                                            shuffle_buffer=spec["shuffle_buffer"],
+                                            prefetch_factor=spec["prefetch_factor"])),
         model=ModelConfig(name=spec["model"], image_size=spec["image_size"]),
         optim=OptimConfig(lr=1e-3, warmup=5, grad_clip_norm=1.0),
         trainer=TrainerConfig(epochs=1, max_steps=spec["steps"] + 1, device=spec["device"],
@@ -213,6 +220,7 @@ def run_trainer(kind: str, args: argparse.Namespace, shard_set, work: Path, atte
     spec = {"kind": kind, "result": str(result), "run_dir": str(run_dir), "shard_dir": str(shard_set.out_dir),
             "urls": shard_set.urls("train"), "model": args.model, "image_size": args.image_size,
             "batch_size": args.batch_size, "workers": args.workers, "prefetch_factor": args.prefetch_factor,
+            "shuffle_buffer": args.shuffle_buffer,
             "precision": args.precision,
             "device": args.device, "nproc": args.nproc, "steps": args.steps, "warmup_steps": args.warmup_steps}
     script = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
@@ -243,15 +251,21 @@ class RawDecode(IterableDataset):
     """The floor for a loader: read tar members, decode the image, transform it, stack a batch.
 
     With a ``tokenizer`` it also tokenizes each sample's caption (work every CLIP loader must do,
-    shown separately so that the loader's own overhead can be told from the text work).
+    shown separately so that the loader's own overhead can be told from the text work). With a
+    ``shuffle`` buffer size it also passes the raw (image, caption) bytes through webdataset's sample
+    shuffle, as clip_med's loader (and open_clip_train's) does: what shuffling alone costs.
     """
 
-    def __init__(self, urls: list[str], transform, batch_size: int, tokenizer=None):
+    def __init__(self, urls: list[str], transform, batch_size: int, tokenizer=None, shuffle: int = 0):
         self.urls, self.transform, self.batch_size, self.tokenizer = urls, transform, batch_size, tokenizer
+        self.shuffle = shuffle
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.shuffle:
+            yield from self._shuffled(self.urls[worker::workers])
+            return
         images, texts = [], []
         for url in self.urls[worker::workers]:
             with tarfile.open(url) as tar:
@@ -264,6 +278,30 @@ class RawDecode(IterableDataset):
                         yield torch.stack(images), self.tokenizer(texts) if self.tokenizer is not None else None
                         images, texts = [], []
 
+    def _shuffled(self, urls: list[str]):
+        import random
+
+        from webdataset.filters import _shuffle
+
+        def pairs():
+            for url in urls:
+                with tarfile.open(url) as tar:
+                    sample: dict[str, bytes] = {}
+                    for member in tar:
+                        extension = member.name.rpartition(".")[2]
+                        if extension in ("png", "txt"):
+                            sample[extension] = tar.extractfile(member).read()
+                        if len(sample) == 2:
+                            yield sample
+                            sample = {}
+
+        batch = []
+        for sample in _shuffle(pairs(), self.shuffle, initial=self.shuffle, rng=random.Random(0)):
+            batch.append((self.transform(Image.open(io.BytesIO(sample["png"]))), sample["txt"].decode("utf-8")))
+            if len(batch) == self.batch_size:
+                yield torch.stack([image for image, _ in batch]), self.tokenizer([text for _, text in batch])
+                batch = []
+
 
 def _worker_cpu_seconds(iterator) -> float:
     """User + system CPU time of the loader's worker processes (of this process when it has none)."""
@@ -274,26 +312,37 @@ def _worker_cpu_seconds(iterator) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
+def _own_cpu_seconds() -> float:
+    """User + system CPU time of this process, all its threads (torch's intra-op threads included)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_batches(loader, warmup: int, batches: int, batch_size: int, finish=None) -> dict[str, float]:
-    """Samples per second over ``batches`` batches after ``warmup``, and the workers' CPU milliseconds per
-    sample over the same stretch (the work itself, far less disturbed by a noisy machine than the clock).
+    """Samples per second over ``batches`` batches after ``warmup``, and the CPU milliseconds per sample over
+    the same stretch (the work itself, far less disturbed by a noisy machine than the clock): the workers'
+    and this process's, which receives the batches as the training process would.
 
     ``finish`` is what the training process still does to each batch's images before the model sees them
-    (clip_med's uint8 images: the float conversion and normalisation); it runs inside the clock, and its
-    CPU time, spent in this process, is added to the workers'."""
+    (clip_med's uint8 images: the float conversion and normalisation); it runs inside the clock."""
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
-    start, cpu_start, main_cpu = time.perf_counter(), _worker_cpu_seconds(iterator), 0.0
+    start, cpu_start, own_start = time.perf_counter(), _worker_cpu_seconds(iterator), _own_cpu_seconds()
     for _ in range(batches):
         batch = next(iterator)
         if finish is not None:
-            started = time.process_time()
             finish(batch)
-            main_cpu += time.process_time() - started
-    elapsed, cpu = time.perf_counter() - start, _worker_cpu_seconds(iterator) - cpu_start + main_cpu
+    elapsed = time.perf_counter() - start
+    workers_cpu, own_cpu = _worker_cpu_seconds(iterator) - cpu_start, _own_cpu_seconds() - own_start
+    if not getattr(iterator, "_workers", None):  # no workers: _worker_cpu_seconds measured this process
+        workers_cpu = 0.0
     del iterator
-    return {"rate": batches * batch_size / elapsed, "cpu_ms": 1000 * cpu / (batches * batch_size)}
+    samples = batches * batch_size
+    return {"rate": samples / elapsed, "cpu_ms": 1000 * (workers_cpu + own_cpu) / samples,
+            "main_cpu_ms": 1000 * own_cpu / samples}
 
 
 def loader_rates(args: argparse.Namespace, shard_set, attempt: int) -> dict[str, dict[str, float]]:
@@ -301,10 +350,16 @@ def loader_rates(args: argparse.Namespace, shard_set, attempt: int) -> dict[str,
     from clip_med.data.transforms import create_transform, split_normalize
     from clip_med.modeling.factory import ModelConfig, create_model
 
+    # This process stands in for the training process (it receives the batches and, for clip_med's uint8 images,
+    # normalises them), so it gets the trainers' thread count: with more, torch's idle intra-op threads spin
+    # after each normalisation and take the cores the loader workers need (in training those threads run the
+    # model instead).
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bundle = create_model(ModelConfig(name=args.model, image_size=args.image_size))
     transform = create_transform(bundle.image_size, bundle.mean, bundle.std, train=True)
     urls = shard_set.urls("train")
-    cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=SHUFFLE_BUFFER,
+    cfg = LoaderConfig(batch_size=args.batch_size, workers=args.workers, shuffle_buffer=args.shuffle_buffer,
                        prefetch_factor=args.prefetch_factor)
     # As the trainer does by default: uint8 images through the loader, normalised in the training process
     # (on the device); that last step is timed with the loader (see time_batches).
@@ -320,13 +375,14 @@ def loader_rates(args: argparse.Namespace, shard_set, attempt: int) -> dict[str,
         if kind == "loader":  # as the trainer calls it
             return create_train_loader(urls, loader_transform, bundle.tokenizer, cfg, 0, 0, args.workers,
                                        shard_counts=shard_set.shard_counts("train"))
-        tokenizer = bundle.tokenizer if kind == "raw_tokenize" else None
+        tokenizer = bundle.tokenizer if kind in ("raw_tokenize", "raw_shuffle") else None
+        shuffle = cfg.shuffle_buffer if kind == "raw_shuffle" else 0
         # The same worker processes: same count, prefetch depth and niceness (the trainer's default).
-        return DataLoader(RawDecode(urls, transform, args.batch_size, tokenizer), batch_size=None,
+        return DataLoader(RawDecode(urls, transform, args.batch_size, tokenizer, shuffle), batch_size=None,
                           num_workers=args.workers, prefetch_factor=cfg.prefetch_factor if args.workers else None,
                           worker_init_fn=_LowerPriority(cfg.worker_niceness) if args.workers else None)
 
-    kinds = ["loader", "raw_tokenize", "raw"]
+    kinds = ["loader", "raw_tokenize", "raw", "raw_shuffle"]
     if attempt % 2:  # alternate who goes first
         kinds.reverse()
     return {kind: time_batches(make(kind), warmup, args.loader_batches, args.batch_size,
@@ -371,11 +427,16 @@ def print_table(args: argparse.Namespace, trainers: dict[str, list[dict]],
               "1.00 | |")
         print(f"| raw decode + transform, same workers (no text work, for reference) | {rate['raw']:.1f} | - | "
               f"{rate['raw'] / rate['raw_tokenize']:.2f} | |")
+        print(f"| raw decode + transform + tokenize after the loader's sample shuffle buffer ({args.shuffle_buffer}; "
+              f"reference: what shuffling alone costs) | {rate['raw_shuffle']:.1f} | - | "
+              f"{rate['raw_shuffle'] / rate['raw_tokenize']:.2f} | |")
         cpu = {kind: statistics.median(run["cpu_ms"] for run in runs) for kind, runs in loaders.items()}
-        print("\n| loader worker CPU per sample | ms | throughput it allows, vs baseline |\n|---|---|---|")
+        print("\n| loader CPU per sample (workers + the receiving process) | ms | throughput it allows, vs baseline "
+              "|\n|---|---|---|")
         for kind, label in (("loader", "clip_med streaming loader"),
                             ("raw_tokenize", "raw decode + transform + tokenize (baseline)"),
-                            ("raw", "raw decode + transform")):
+                            ("raw", "raw decode + transform"),
+                            ("raw_shuffle", "raw decode + transform + tokenize after the shuffle buffer")):
             print(f"| {label} | {cpu[kind]:.3f} | {cpu['raw_tokenize'] / cpu[kind]:.2f} |")
     print_paired_ratios(trainers, loaders)
 
@@ -399,6 +460,8 @@ def print_paired_ratios(trainers: dict[str, list[dict]], loaders: dict[str, list
             print(f"paired ratios, loader / {label}: {_spread(ratios)}")
         ratios = [other["cpu_ms"] / ours["cpu_ms"] for ours, other in zip(loaders["loader"], loaders["raw_tokenize"])]
         print(f"paired ratios, baseline CPU per sample / loader CPU per sample: {_spread(ratios)}")
+        ratios = [ours["rate"] / other["rate"] for ours, other in zip(loaders["loader"], loaders["raw_shuffle"])]
+        print(f"paired ratios, loader / raw decode + transform + tokenize after the shuffle buffer: {_spread(ratios)}")
 
 
 def main(argv=None) -> None:
@@ -407,6 +470,10 @@ def main(argv=None) -> None:
         (child_clip_med if spec["kind"] == "clip_med" else child_open_clip)(spec)
         return
     args = parse_args(argv)
+    if args.shuffle_buffer is None:
+        from clip_med.data.loader import LoaderConfig
+
+        args.shuffle_buffer = LoaderConfig().shuffle_buffer
     if args.warmup_steps < 1 or args.warmup_steps >= args.steps:
         raise SystemExit("--warmup-steps must be at least 1 and below --steps")
     work = Path(args.work)
@@ -425,7 +492,8 @@ def main(argv=None) -> None:
             for kind, timing in loader_rates(args, shard_set, attempt).items():
                 loaders.setdefault(kind, []).append(timing)
                 print(f"[{attempt + 1}/{args.repeat}] {kind}: {timing['rate']:.1f} samples/s, "
-                      f"{timing['cpu_ms']:.3f} worker CPU ms/sample", flush=True)
+                      f"{timing['cpu_ms']:.3f} CPU ms/sample ({timing['main_cpu_ms']:.3f} of them in this process)",
+                      flush=True)
     print_table(args, trainers, loaders)
 
 
