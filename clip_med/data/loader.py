@@ -85,9 +85,10 @@ class LoaderConfig:
     text_sampling: str = "sentences"
     sentence_keep_prob: float = bounded(0.5, minimum=0, maximum=1)
     prefetch_factor: int = bounded(4, minimum=1)
-    # Added to the loader worker processes' niceness (Unix), so that on a CPU-bound machine the
-    # training step wins when both want a core; the loader keeps up from the idle time. 0: off.
-    worker_niceness: int = bounded(5, minimum=0, maximum=19)
+    # Added to the loader worker processes' niceness (Unix): >0 lets the training step win a core both
+    # want. Off by default: measured on 2 cores (BENCHMARKS.md), +5 made CPU training 3-4 % slower
+    # (+exp=medpix, and train_bench's trainer against open_clip_train) and changed no result.
+    worker_niceness: int = bounded(0, minimum=0, maximum=19)
     # Keep the worker processes from one epoch to the next (each epoch still replays exactly).
     persistent_workers: bool = True
     # Images cross the loader as uint8 and are normalised on the training device (a quarter of the bytes
