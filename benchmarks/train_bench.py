@@ -69,8 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun) for both trainers")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps; timing stops at the last")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="steps before the clock starts")
+    parser.add_argument("--steps", type=int, default=60,
+                        help="optimizer steps; timing stops at the last (50 timed CPU steps: windows of ~30 s)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="steps before the clock starts")
     parser.add_argument("--loader-batches", type=int, default=150,
                         help="timed loader batches (a few seconds each: shorter windows are at the mercy of a "
                              "shared machine's noise)")

@@ -30,19 +30,22 @@ log = logging.getLogger(__name__)
 
 
 def use_fused_optimizer(optimizer: torch.optim.Optimizer, fused: bool) -> bool:
-    """Switch an Adam/AdamW to its fused kernel (``fused=True`` as if given at creation; call before its
-    first step and again after ``load_state_dict``, which brings back the saved groups' setting).
-    Returns whether the optimizer is fused now; any other optimizer is left as it is."""
+    """Switch an Adam/AdamW to its fused kernel (``fused=True`` as if given at creation), or else to its
+    multi-tensor (``foreach``) kernel; call before its first step and again after ``load_state_dict``,
+    which brings back the saved groups' setting. Returns whether the optimizer is fused now; any other
+    optimizer is left as it is.
+
+    On the CPU torch defaults to a Python loop over the parameters; the foreach kernel gives the same
+    result bit for bit (``tests/test_optim.py``) with less per-parameter overhead
+    (``benchmarks/optimizer_bench.py``), so a run's numbers do not depend on which one ran. The fused
+    kernel is faster still but rounds differently, hence opt-in on the CPU (``trainer.fused_optimizer``)."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         if fused:
             log.warning("%s has no fused kernel: the non-finite check reads a flag from the device every step",
                         type(optimizer).__name__)
         return False
     for group in optimizer.param_groups:
-        if fused:
-            group["fused"], group["foreach"] = True, False
-        elif group.get("fused"):
-            group["fused"] = None
+        group["fused"], group["foreach"] = (True, False) if fused else (None, True)
     optimizer.defaults["fused"] = bool(fused) or None
     # what GradScaler checks to hand the optimizer its found_inf
     optimizer._step_supports_amp_scaling = bool(fused)
