@@ -72,7 +72,7 @@ def main(argv=None) -> None:
             group.update({"foreach": None, "fused": None, **kernel})
         runs[label] = (model, optimizer, [])
     for _ in range(args.rounds):
-        for model, optimizer, times in runs.values():
+        for _model, optimizer, times in runs.values():
             start = time.perf_counter()
             for _ in range(args.steps):
                 optimizer.step()

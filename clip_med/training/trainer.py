@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from clip_med.core import distributed
 from clip_med.core.bounds import check_bounds
+from clip_med.core.memory import reuse_freed_memory
 from clip_med.data.loader import (
     TrainStream,
     batch_bytes,
@@ -48,7 +49,7 @@ from clip_med.modeling.losses import create_loss, model_kwargs_for
 from clip_med.training.agreement import Agreed, GroupFeed, StepAgreement
 from clip_med.training.async_checkpoint import BackgroundWriter, snapshot_to_cpu
 from clip_med.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from clip_med.training.config import TrainConfig
+from clip_med.training.config import TrainConfig, TrainerConfig
 from clip_med.training.evaluation import evaluate_run
 from clip_med.training.metrics_log import MetricsLogger
 from clip_med.training.nonfinite import apply_update_if, local_ok, use_fused_optimizer
@@ -506,7 +507,9 @@ def _stop_on_signals(stop: threading.Event):
             signal.signal(sig, handler)
 
 
-def _setup_backends(info: distributed.DistInfo) -> None:
+def _setup_backends(info: distributed.DistInfo, cfg: TrainerConfig) -> None:
+    if cfg.reuse_freed_memory:
+        reuse_freed_memory()
     if info.device.type == "cuda":
         # As open_clip_train does: TF32 matmuls/convolutions for fp32 work, cuDNN autotuning.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -521,7 +524,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    _setup_backends(info)
+    _setup_backends(info, cfg.trainer)
     run, shard_set, resumed_from = _build_run(cfg, info, run_dir)
     if info.is_main:
         log.info("training %d steps over %d epochs (%d processes x %d loader workers, %d x %d samples per step and "
