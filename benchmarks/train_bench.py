@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="samples in each loader worker's shuffle buffer (default: data.loader.shuffle_buffer's)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both trainers' processes "
                         "(default: torch's choice); 1 keeps a shared or small machine from oversubscribing its cores")
+    parser.add_argument("--settle-seconds", type=float, default=5,
+                        help="pause before each trainer run, so that the last run's processes are gone")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the measurements this often; medians")
     parser.add_argument("--skip", choices=["trainers", "loader", "reference_trainer"], action="append", default=[],
                         help="leave out a part (reference_trainer: the open_clip_train run with clip_med's malloc "
@@ -247,6 +249,7 @@ def run_trainer(kind: str, args: argparse.Namespace, shard_set, work: Path, atte
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     log_path = work / f"{kind}-{attempt}.log"
+    time.sleep(args.settle_seconds)  # the previous run's worker processes finish exiting
     with open(log_path, "w") as log_file:
         completed = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=3600)
     if not result.is_file():
@@ -520,7 +523,8 @@ def main(argv=None) -> None:
             kinds = ["clip_med", "open_clip"]
             if "reference_trainer" not in args.skip:
                 kinds.append("open_clip_reused_memory")
-            for kind in (kinds if attempt % 2 == 0 else kinds[::-1]):
+            turn = attempt % len(kinds)  # each kind takes each place in the order in turn
+            for kind in kinds[turn:] + kinds[:turn]:
                 timing = run_trainer(kind, args, shard_set, work, attempt)
                 trainers.setdefault(kind, []).append(timing)
                 print(f"[{attempt + 1}/{args.repeat}] {kind}: {timing['samples_per_s']:.1f} samples/s", flush=True)

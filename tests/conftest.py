@@ -1,3 +1,4 @@
+import atexit
 import logging
 import os
 import shutil
@@ -14,7 +15,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # The DICOM id key (clip_med.data.dicom_deid) in a folder of the test run, not in ~/.config;
 # set here so that the commands the tests start inherit it too.
-os.environ.setdefault("CLIP_MED_ID_SECRET_FILE", str(Path(tempfile.mkdtemp(prefix="clip_med_tests_")) / "id_secret"))
+if "CLIP_MED_ID_SECRET_FILE" not in os.environ:
+    _SECRET_DIR = tempfile.mkdtemp(prefix="clip_med_tests_")
+    atexit.register(shutil.rmtree, _SECRET_DIR, ignore_errors=True)
+    os.environ["CLIP_MED_ID_SECRET_FILE"] = str(Path(_SECRET_DIR) / "id_secret")
 
 
 def pytest_addoption(parser):
