@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -133,7 +134,7 @@ def install_step_clock(result_path: str, warmup: int, steps: int, device: str) -
     """Time optimizer steps warmup..steps of this process; rank 0 writes the result; then exit."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    state = {"n": 0, "t0": None}
+    state: dict = {"n": 0, "t0": None, "usage0": None}
 
     def sync():
         if device == "cuda":
@@ -144,12 +145,17 @@ def install_step_clock(result_path: str, warmup: int, steps: int, device: str) -
         state["n"] += 1
         if state["n"] == warmup:
             state["t0"] = sync()
+            state["usage0"] = resource.getrusage(resource.RUSAGE_SELF)
         elif state["n"] == steps:
             seconds = sync() - state["t0"]
+            usage, usage0, timed = resource.getrusage(resource.RUSAGE_SELF), state["usage0"], steps - warmup
             if int(os.environ.get("RANK", "0")) == 0:
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-                Path(result_path).write_text(json.dumps({"seconds": seconds, "steps": steps - warmup,
-                                                         "peak_memory_gb": peak}))
+                # The training process's own page faults and kernel time per step (not its loader workers').
+                Path(result_path).write_text(json.dumps({
+                    "seconds": seconds, "steps": timed, "peak_memory_gb": peak,
+                    "page_faults_per_step": (usage.ru_minflt - usage0.ru_minflt) / timed,
+                    "system_ms_per_step": (usage.ru_stime - usage0.ru_stime) * 1000 / timed}))
             # Nothing after the timed steps matters: stop the loader workers, then this process.
             for child in multiprocessing.active_children():
                 child.terminate()
@@ -426,6 +432,7 @@ def print_table(args: argparse.Namespace, trainers: dict[str, list[dict]],
           f"process, median of {args.repeat}\n")
     print("| measured | samples/s | peak GPU memory | ratio | goal |")
     print("|---|---|---|---|---|")
+    faults_table = []
     if trainers:
         rates = {kind: statistics.median(t["samples_per_s"] for t in runs) for kind, runs in trainers.items()}
         memory = {kind: runs[-1].get("peak_memory_gb") for kind, runs in trainers.items()}
@@ -437,6 +444,9 @@ def print_table(args: argparse.Namespace, trainers: dict[str, list[dict]],
             paired = _paired(trainers["clip_med"], trainers["open_clip"], "samples_per_s")
             goal = _goal_cell(ratio, paired, 1.0) if kind == "clip_med" else ""
             print(f"| {TRAINER_LABELS[kind]} | {rates[kind]:.1f} | {peak} | {ratio_cell} | {goal} |")
+            faults = statistics.median(t["page_faults_per_step"] for t in trainers[kind])
+            system = statistics.median(t["system_ms_per_step"] for t in trainers[kind])
+            faults_table.append(f"| {TRAINER_LABELS[kind]} | {faults:,.0f} | {system:.1f} |")
     if loaders:
         rate = {kind: statistics.median(run["rate"] for run in runs) for kind, runs in loaders.items()}
         ratio = rate["loader"] / rate["raw_tokenize"]
@@ -457,6 +467,9 @@ def print_table(args: argparse.Namespace, trainers: dict[str, list[dict]],
                             ("raw", "raw decode + transform"),
                             ("raw_shuffle", "raw decode + transform + tokenize after the shuffle buffer")):
             print(f"| {label} | {cpu[kind]:.3f} | {cpu['raw_tokenize'] / cpu[kind]:.2f} |")
+    if faults_table:
+        print("\n| training process, per timed step (medians) | page faults | kernel CPU ms |\n|---|---|---|")
+        print("\n".join(faults_table))
     print_paired_ratios(trainers, loaders)
 
 
