@@ -56,7 +56,7 @@ PRECISIONS = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}  # clip_med nam
 # The reference row "open_clip_reused_memory": open_clip_train with glibc's malloc set as clip_med's
 # trainer sets it (trainer.reuse_freed_memory, clip_med/core/memory.py), through glibc's environment
 # variables, read when the process starts: what the allocator setting alone is worth.
-REUSED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+REUSED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 TRAINER_LABELS = {"clip_med": "clip_med trainer", "open_clip": "open_clip_train.main (baseline)",
                   "open_clip_reused_memory": "open_clip_train.main with clip_med's malloc settings (reference)"}
 

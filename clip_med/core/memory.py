@@ -5,10 +5,12 @@ glibc's malloc serves blocks from 128 KiB up (a threshold it raises as such bloc
 training step allocates and frees the same activations and gradients every step, so each step
 faults tens of thousands of zeroed pages back in: on the 2-core machine 18,000-37,000 page faults
 and 36-70 ms of kernel time in a 630 ms step of medclip-tiny (``benchmarks/train_bench.py``).
-With the mmap threshold fixed at its maximum and trimming off, freed blocks stay in the heap and
-are reused: under 100 page faults and about 1 ms per step, the same arithmetic and results. This
-is what PyTorch's CPU performance guides get from jemalloc or tcmalloc through ``LD_PRELOAD``,
-done with glibc's own ``mallopt`` so that nothing has to be installed or preloaded.
+With mmap off (``M_MMAP_MAX`` 0: blocks over the largest mmap threshold, 32 MiB, would still be
+mapped afresh, as a larger model's activations are) and trimming off below 2 GiB of free heap,
+freed blocks stay in the heap and are reused: on medclip-tiny under 100 page faults and about 1 ms
+per step, the same arithmetic and results. This is what PyTorch's CPU performance guides get from
+jemalloc or tcmalloc through ``LD_PRELOAD``, done with glibc's own ``mallopt`` so that nothing has
+to be installed or preloaded.
 
 The cost: the process keeps its peak heap until it exits (a training process reaches its peak in
 the first steps and stays there). Other C libraries (musl, macOS) are left as they are.
@@ -25,9 +27,7 @@ log = logging.getLogger(__name__)
 
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# glibc's largest mmap threshold on 64-bit systems (HEAP_MAX_SIZE / 2); larger blocks are still mapped.
-MMAP_THRESHOLD_BYTES = 32 * 2**20
+_M_MMAP_MAX = -4
 # mallopt takes an int: the largest trim threshold it accepts, i.e. trimming only beyond 2 GiB of free top.
 TRIM_THRESHOLD_BYTES = 2**31 - 1
 
@@ -39,15 +39,13 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse (for this process and the
-    processes it forks later). Returns whether the setting took effect; False where the C library
-    is not glibc."""
+    """Make glibc's malloc keep freed blocks for reuse (for this process and the processes it forks
+    later). Returns whether the setting took effect; False where the C library is not glibc."""
     libc = _glibc()
     if libc is None:
         log.debug("not glibc: the C library's own malloc settings are kept")
         return False
-    done = (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-            and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1)
+    done = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     if not done:
         log.warning("glibc's mallopt refused the settings that keep freed memory for reuse: each CPU step "
                     "may fault its memory back in (slower, same results)")
